@@ -1,0 +1,406 @@
+//! The worker's sans-IO core: connection, stream and backend tables, quiche connections, H3↔H1
+//! mapping, backend pools and timers. It never calls the kernel.
+//!
+//! Inputs: [`Core::on_datagram`], [`Core::on_backend`], [`Core::on_timer`], [`Core::shutdown`],
+//! each given `now`. Outputs are pulled: [`Core::flush`] then [`Core::poll_transmit`] until `None`,
+//! [`Core::poll_backend_action`] until `None`, and [`Core::next_deadline`]. The `ring` module turns
+//! the outputs into io_uring operations and completions back into inputs; tests can drive the same
+//! core with an in-memory network.
+//!
+//! The methods are grouped by concern: `frontend.rs` (QUIC connections), `stream.rs` (one request
+//! from H3 headers to the end of the response) and `backend.rs` (pools and backend connections) each
+//! add an `impl Core` block.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::backend::{BackendConn, ServerState};
+use crate::cid::Secret;
+use crate::config::{Backend, Config, Frontend};
+use crate::frontend::Conn;
+use crate::stream::Stream;
+use crate::table::{Key, Table};
+
+pub type ConnKey = Key<Conn>;
+pub type StreamKey = Key<Stream>;
+pub type BackendKey = Key<BackendConn>;
+
+/// A datagram the core wrote into a lent buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Transmit {
+    pub listener: usize,
+    pub to: SocketAddr,
+    pub from: SocketAddr,
+    pub len: usize,
+}
+
+/// Work for the ring on a backend TCP connection, named by its generation key.
+#[derive(Debug)]
+pub enum BackendAction {
+    Connect {
+        key: BackendKey,
+        addr: SocketAddr,
+    },
+    /// Send all of `data` (the ring resubmits short writes) and report once.
+    Send {
+        key: BackendKey,
+        data: Vec<u8>,
+    },
+    /// Arm one read. The core arms reads only when it has room: that is the backpressure.
+    Recv {
+        key: BackendKey,
+    },
+    /// Cancel what is in flight, then close the socket. The key is dead for the core already.
+    Close {
+        key: BackendKey,
+    },
+}
+
+/// A completion for a backend connection.
+#[derive(Debug)]
+pub enum BackendEvent<'a> {
+    Connected(io::Result<()>),
+    Sent(io::Result<usize>),
+    /// `Ok(&[])` is end of stream.
+    Received(io::Result<&'a [u8]>),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    Conn(ConnKey),
+    Stream(StreamKey),
+    Drain,
+}
+
+/// Counters; printed at shutdown and (later) served on the metrics endpoint.
+#[derive(Default, Debug, Clone)]
+pub struct Stats {
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub dropped_unparsable: u64,
+    pub dropped_unknown: u64,
+    pub dropped_at_capacity: u64,
+    pub version_negotiations: u64,
+    pub stateless_resets: u64,
+    pub handshakes: u64,
+    pub conns_accepted: u64,
+    pub conns_closed: u64,
+    pub migrations: u64,
+    pub streams_opened: u64,
+    pub streams_rejected: u64,
+    pub responses: [u64; 6],
+    pub backend_connects: u64,
+    pub backend_connect_errors: u64,
+    pub backend_reuses: u64,
+    pub backend_errors: u64,
+    pub stale_events: u64,
+}
+
+/// Listener (bound socket) as the core sees it: which frontend and which local address.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub frontend: usize,
+    pub local: SocketAddr,
+}
+
+pub struct Core {
+    pub(crate) worker: u8,
+    pub(crate) frontends: Vec<Frontend>,
+    pub(crate) backends: Vec<Backend>,
+    /// Index of each frontend's default backend in `backends`.
+    pub(crate) frontend_backend: Vec<usize>,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) quic: Vec<quiche::Config>,
+    pub(crate) h3_config: quiche::h3::Config,
+    pub(crate) secret: Secret,
+
+    pub(crate) conns: Table<Conn>,
+    /// Every CID that routes to a connection: ours and the client's initial DCID.
+    pub(crate) cids: HashMap<Vec<u8>, ConnKey>,
+    pub(crate) streams: Table<Stream>,
+    pub(crate) bconns: Table<BackendConn>,
+    /// Per backend, per server: pool and balancing state.
+    pub(crate) servers: Vec<Vec<ServerState>>,
+
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    /// Connections with new input to process at the next `flush`.
+    pub(crate) dirty: Vec<ConnKey>,
+    /// Connections that may have packets to send, drained by `poll_transmit`.
+    pub(crate) sendable: VecDeque<ConnKey>,
+    /// Stateless answers (version negotiation, resets) waiting for `poll_transmit`.
+    pub(crate) stateless: VecDeque<(Transmit, Vec<u8>)>,
+    pub(crate) actions: VecDeque<BackendAction>,
+    pub(crate) scratch: Vec<u8>,
+
+    pub(crate) drain_deadline: Option<Instant>,
+    pub(crate) hard_stop: bool,
+    pub(crate) reset_budget: (Instant, u32),
+    pub stats: Stats,
+}
+
+/// Bytes a stream may hold in each direction before the core stops reading the side that fills
+/// it (client body toward a slow backend; backend body toward a slow client).
+pub(crate) const STREAM_BUFFER_HIGH: usize = 256 * 1024;
+
+impl Core {
+    pub fn new(
+        worker: u8,
+        config: &Config,
+        listeners: Vec<Listener>,
+        quic: Vec<quiche::Config>,
+        secret: Secret,
+        now: Instant,
+    ) -> Result<Core, String> {
+        let mut frontend_backend = Vec::new();
+        for fe in &config.frontends {
+            let idx = config
+                .backends
+                .iter()
+                .position(|b| b.name == fe.default_backend)
+                .ok_or_else(|| {
+                    format!(
+                        "frontend '{}': unknown backend '{}'",
+                        fe.name, fe.default_backend
+                    )
+                })?;
+            frontend_backend.push(idx);
+        }
+        let mut h3_config = quiche::h3::Config::new().map_err(|e| format!("h3 config: {e}"))?;
+        h3_config.set_max_field_section_size(64 * 1024);
+        let max_conns: usize = config.frontends.iter().map(|f| f.max_connections).sum();
+        let max_streams: usize = config
+            .frontends
+            .iter()
+            .map(|f| {
+                f.max_connections
+                    .saturating_mul(f.max_concurrent_streams as usize)
+            })
+            .sum();
+        let servers = config
+            .backends
+            .iter()
+            .map(|b| b.servers.iter().map(ServerState::new).collect())
+            .collect();
+        Ok(Core {
+            worker,
+            frontends: config.frontends.clone(),
+            backends: config.backends.clone(),
+            frontend_backend,
+            listeners,
+            quic,
+            h3_config,
+            secret,
+            conns: Table::with_capacity(max_conns.max(1)),
+            cids: HashMap::new(),
+            streams: Table::with_capacity(max_streams.max(1)),
+            bconns: Table::with_capacity(max_streams.max(1)),
+            servers,
+            timers: BinaryHeap::new(),
+            dirty: Vec::new(),
+            sendable: VecDeque::new(),
+            stateless: VecDeque::new(),
+            actions: VecDeque::new(),
+            scratch: vec![0u8; 64 * 1024],
+            drain_deadline: None,
+            hard_stop: false,
+            reset_budget: (now, 0),
+            stats: Stats::default(),
+        })
+    }
+
+    pub(crate) fn schedule(&mut self, at: Instant, t: Timer) {
+        self.timers.push(Reverse((at, t)));
+    }
+
+    pub(crate) fn mark_dirty(&mut self, key: ConnKey) {
+        if let Some(c) = self.conns.get_mut(key) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    /// Earliest instant at which `on_timer` has work. Stale entries may make it early; an early
+    /// `on_timer` is harmless.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Fires every timer due at `now`.
+    pub fn on_timer(&mut self, now: Instant) {
+        while let Some(Reverse((at, t))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match t {
+                Timer::Conn(key) => self.conn_timer(key, at, now),
+                Timer::Stream(key) => self.stream_timer(key, at, now),
+                Timer::Drain => self.drain_expired(now),
+            }
+        }
+    }
+
+    pub fn on_backend(&mut self, now: Instant, key: BackendKey, ev: BackendEvent<'_>) {
+        if !self.bconns.contains(key) {
+            // The owner is gone (closed while the op was in flight). The ring already released
+            // the buffer; nothing else to do.
+            self.stats.stale_events += 1;
+            return;
+        }
+        // Whatever the event does to the stream (data, an error answer, a reset), its QUIC
+        // connection has something to send afterwards.
+        let conn = self
+            .bconns
+            .get(key)
+            .and_then(|b| b.stream)
+            .and_then(|sk| self.streams.get(sk))
+            .map(|s| s.conn);
+        match ev {
+            BackendEvent::Connected(r) => self.backend_connected(now, key, r),
+            BackendEvent::Sent(r) => self.backend_sent(now, key, r),
+            BackendEvent::Received(r) => self.backend_received(now, key, r),
+        }
+        if let Some(ck) = conn {
+            self.mark_dirty(ck);
+        }
+    }
+
+    pub fn poll_backend_action(&mut self) -> Option<BackendAction> {
+        self.actions.pop_front()
+    }
+
+    /// Processes every connection that got input since the last flush (HTTP/3 events, stream
+    /// output, CID top-up) and queues it for `poll_transmit`. Called once per loop pass, after all
+    /// datagrams of the pass were delivered, so ACKs coalesce.
+    pub fn flush(&mut self, now: Instant) {
+        // A connection stays marked dirty while it is serviced, so its own stream work does not
+        // queue it again. Servicing one connection does not dirty another today; the bound is a
+        // guard against a livelock if that ever changes.
+        for _ in 0..8 {
+            if self.dirty.is_empty() {
+                break;
+            }
+            let dirty = std::mem::take(&mut self.dirty);
+            for key in dirty {
+                if !self.conns.contains(key) {
+                    continue;
+                }
+                self.service_conn(key, now);
+                if let Some(c) = self.conns.get_mut(key) {
+                    c.dirty = false;
+                }
+                self.sendable.push_back(key);
+            }
+        }
+    }
+
+    /// Writes the next datagram into `buf`. Call until `None` after every `flush`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        if let Some((t, data)) = self.stateless.pop_front() {
+            let n = data.len().min(buf.len());
+            buf[..n].copy_from_slice(&data[..n]);
+            self.stats.datagrams_out += 1;
+            return Some(Transmit { len: n, ..t });
+        }
+        while let Some(&key) = self.sendable.front() {
+            match self.conn_send(key, now, buf) {
+                Some(t) => {
+                    self.stats.datagrams_out += 1;
+                    self.stats.bytes_out += t.len as u64;
+                    return Some(t);
+                }
+                None => {
+                    self.sendable.pop_front();
+                }
+            }
+        }
+        None
+    }
+
+    /// Graceful stop: GOAWAY everywhere, finish in-flight streams until `drain`, then close.
+    pub fn shutdown(&mut self, now: Instant, drain: Duration) {
+        if self.drain_deadline.is_some() {
+            return;
+        }
+        let deadline = now + drain;
+        self.drain_deadline = Some(deadline);
+        self.schedule(deadline, Timer::Drain);
+        for key in self.conns.keys() {
+            self.send_goaway(key);
+            self.mark_dirty(key);
+        }
+        self.close_idle_backends();
+    }
+
+    /// True once shutting down and every connection is gone.
+    pub fn is_done(&self) -> bool {
+        self.drain_deadline.is_some() && self.conns.is_empty()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.drain_deadline.is_some()
+    }
+
+    fn drain_expired(&mut self, now: Instant) {
+        log::info!(
+            "worker {}: drain timeout, closing {} connections with {} streams in flight",
+            self.worker,
+            self.conns.len(),
+            self.streams.len()
+        );
+        self.hard_stop = true;
+        for key in self.conns.keys() {
+            if let Some(c) = self.conns.get_mut(key) {
+                let _ =
+                    c.q.close(true, crate::frontend::H3_NO_ERROR, b"shutting down");
+            }
+            self.mark_dirty(key);
+        }
+        let _ = now;
+    }
+
+    pub fn live(&self) -> (usize, usize, usize) {
+        (self.conns.len(), self.streams.len(), self.bconns.len())
+    }
+
+    /// Debug-only cross-table checks: every stream's connection resolves and lists it; every
+    /// backend connection's stream resolves and points back.
+    pub fn check_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        self.conns.check_invariants();
+        self.streams.check_invariants();
+        self.bconns.check_invariants();
+        for (sk, s) in self.streams.iter() {
+            let c = self
+                .conns
+                .get(s.conn)
+                .expect("stream outlived its connection");
+            assert_eq!(
+                c.streams.get(&s.id),
+                Some(&sk),
+                "connection does not list its stream"
+            );
+            if let Some(bk) = s.bconn {
+                let b = self
+                    .bconns
+                    .get(bk)
+                    .expect("stream names a dead backend connection");
+                assert_eq!(b.stream, Some(sk), "backend connection does not point back");
+            }
+        }
+        for (ck, c) in self.conns.iter() {
+            for &sk in c.streams.values() {
+                assert_eq!(self.streams.get(sk).map(|s| s.conn), Some(ck));
+            }
+        }
+    }
+}

@@ -1,0 +1,526 @@
+//! QUIC side of the core: routing datagrams to connections by DCID, accepting new connections,
+//! driving quiche and its HTTP/3 layer, GOAWAY and reaping.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::cid::{self, CID_LEN};
+use crate::config::Frontend;
+use crate::core::{ConnKey, Core, StreamKey, Timer, Transmit};
+
+pub const H3_NO_ERROR: u64 = 0x100;
+pub const H3_INTERNAL_ERROR: u64 = 0x102;
+pub const H3_REQUEST_REJECTED: u64 = 0x10b;
+pub const H3_MESSAGE_ERROR: u64 = 0x10e;
+
+/// Largest UDP payload we send. 1350 fits every common path MTU with room for tunnels.
+pub const MAX_SEND_PAYLOAD: usize = 1350;
+/// How many of our CIDs a client may hold at once (for migration it needs spares).
+const ACTIVE_CIDS: u64 = 4;
+/// Stateless resets per worker per second; they answer unauthenticated input.
+const RESETS_PER_SEC: u32 = 100;
+
+pub struct Conn {
+    pub(crate) q: quiche::Connection,
+    pub(crate) h3: Option<quiche::h3::Connection>,
+    pub(crate) listener: usize,
+    pub(crate) frontend: usize,
+    /// Latest client address seen (X-Forwarded-For; follows NAT rebinding).
+    pub(crate) peer: SocketAddr,
+    pub(crate) streams: HashMap<u64, StreamKey>,
+    /// Every CID routed to this connection, removed from the routing map at reap.
+    pub(crate) cids: Vec<Vec<u8>>,
+    pub(crate) dirty: bool,
+    pub(crate) timer_at: Option<Instant>,
+    /// Lowest client stream id not yet seen: the GOAWAY id on shutdown.
+    pub(crate) next_stream_id: u64,
+    pub(crate) goaway: Option<u64>,
+    pub(crate) established_logged: bool,
+}
+
+/// Builds the quiche configuration of one frontend (reads its certificate and key).
+pub fn quic_config(fe: &Frontend) -> Result<quiche::Config, String> {
+    let mut c =
+        quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| format!("quiche: {e}"))?;
+    let cert = fe.cert.to_string_lossy();
+    let key = fe.key.to_string_lossy();
+    c.load_cert_chain_from_pem_file(&cert)
+        .map_err(|e| format!("frontend '{}': cannot load cert {cert}: {e}", fe.name))?;
+    c.load_priv_key_from_pem_file(&key)
+        .map_err(|e| format!("frontend '{}': cannot load key {key}: {e}", fe.name))?;
+    c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
+        .map_err(|e| format!("quiche alpn: {e}"))?;
+    c.set_max_idle_timeout(fe.timeouts.client.as_millis().min(u64::MAX as u128) as u64);
+    c.set_max_send_udp_payload_size(MAX_SEND_PAYLOAD);
+    c.set_max_recv_udp_payload_size(65527);
+    // Windows: a client can have this much in flight toward us. Issue #5 derives these from the
+    // memory budget; for now they are fixed and documented in the README.
+    c.set_initial_max_data(16 * 1024 * 1024);
+    c.set_initial_max_stream_data_bidi_remote(1024 * 1024);
+    c.set_initial_max_stream_data_bidi_local(1024 * 1024);
+    c.set_initial_max_stream_data_uni(128 * 1024);
+    c.set_initial_max_streams_bidi(fe.max_concurrent_streams);
+    c.set_initial_max_streams_uni(8);
+    c.set_active_connection_id_limit(ACTIVE_CIDS);
+    c.set_disable_active_migration(false);
+    c.enable_hystart(true);
+    Ok(c)
+}
+
+/// HTTP/3 error code for a connection-level error (RFC 9114 §8.1).
+fn h3_error_code(e: &quiche::h3::Error) -> u64 {
+    use quiche::h3::{Error, WireErrorCode as W};
+    let code = match e {
+        Error::ExcessiveLoad => W::ExcessiveLoad,
+        Error::IdError => W::IdError,
+        Error::StreamCreationError => W::StreamCreationError,
+        Error::ClosedCriticalStream => W::ClosedCriticalStream,
+        Error::MissingSettings => W::MissingSettings,
+        Error::FrameUnexpected => W::FrameUnexpected,
+        Error::FrameError => W::FrameError,
+        Error::SettingsError => W::SettingsError,
+        Error::MessageError => W::MessageError,
+        Error::QpackDecompressionFailed => return 0x200, // QPACK_DECOMPRESSION_FAILED, RFC 9204
+        _ => W::InternalError,
+    };
+    code as u64
+}
+
+impl Core {
+    /// One datagram from the network. `listener` is the index of the socket it came in on.
+    pub fn on_datagram(
+        &mut self,
+        now: Instant,
+        listener: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        buf: &mut [u8],
+    ) {
+        self.stats.datagrams_in += 1;
+        self.stats.bytes_in += buf.len() as u64;
+        let hdr = match quiche::Header::from_slice(buf, CID_LEN) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.dropped_unparsable += 1;
+                log::trace!("unparsable datagram from {from}");
+                return;
+            }
+        };
+        if let Some(&key) = self.cids.get(hdr.dcid.as_ref()) {
+            self.deliver(now, key, from, to, buf);
+            return;
+        }
+        if hdr.ty == quiche::Type::Short {
+            self.answer_unknown_short(listener, from, to, hdr.dcid.as_ref(), buf.len());
+            return;
+        }
+        if hdr.ty != quiche::Type::Initial {
+            self.stats.dropped_unknown += 1;
+            return;
+        }
+        // Version first, then Initial (RFC 9000 §6, §14.1).
+        if !quiche::version_is_supported(hdr.version) {
+            let mut out = vec![0u8; MAX_SEND_PAYLOAD];
+            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
+                out.truncate(n);
+                self.stats.version_negotiations += 1;
+                self.stateless.push_back((
+                    Transmit {
+                        listener,
+                        to: from,
+                        from: to,
+                        len: n,
+                    },
+                    out,
+                ));
+            }
+            return;
+        }
+        // A client Initial must be padded to 1200 bytes (§14.1) and carry a DCID of >= 8 (§7.2).
+        if buf.len() < 1200 || hdr.dcid.len() < 8 {
+            self.stats.dropped_unparsable += 1;
+            return;
+        }
+        let key = match self.accept(now, listener, from, to, hdr.dcid.as_ref()) {
+            Some(k) => k,
+            None => return,
+        };
+        self.deliver(now, key, from, to, buf);
+    }
+
+    fn deliver(
+        &mut self,
+        _now: Instant,
+        key: ConnKey,
+        from: SocketAddr,
+        to: SocketAddr,
+        buf: &mut [u8],
+    ) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        match c.q.recv(buf, quiche::RecvInfo { from, to }) {
+            Ok(_) => c.peer = from,
+            Err(quiche::Error::Done) => {}
+            Err(e) => log::debug!("{}: recv: {e}", c.q.trace_id()),
+        }
+        self.mark_dirty(key);
+    }
+
+    fn accept(
+        &mut self,
+        now: Instant,
+        listener: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        odcid: &[u8],
+    ) -> Option<ConnKey> {
+        let _ = now;
+        if self.drain_deadline.is_some() {
+            self.stats.dropped_at_capacity += 1;
+            return None;
+        }
+        let fe_idx = self.listeners.get(listener)?.frontend;
+        let fe = self.frontends.get(fe_idx)?;
+        let live_on_frontend = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.frontend == fe_idx)
+            .count();
+        // Refuse before allocating anything (sozu's can_accept): limits are checked here only.
+        if self.conns.is_full() || live_on_frontend >= fe.max_connections {
+            self.stats.dropped_at_capacity += 1;
+            log::debug!("refusing connection from {from}: at capacity");
+            return None;
+        }
+        let scid = cid::new_cid(self.worker);
+        let qcfg = self.quic.get_mut(fe_idx)?;
+        qcfg.set_stateless_reset_token(Some(self.secret.reset_token(&scid)));
+        let scid_ref = quiche::ConnectionId::from_ref(&scid);
+        let q = match quiche::accept(&scid_ref, None, to, from, qcfg) {
+            Ok(q) => q,
+            Err(e) => {
+                log::debug!("accept from {from} failed: {e}");
+                return None;
+            }
+        };
+        let conn = Conn {
+            q,
+            h3: None,
+            listener,
+            frontend: fe_idx,
+            peer: from,
+            streams: HashMap::new(),
+            cids: vec![scid.to_vec()],
+            dirty: false,
+            timer_at: None,
+            next_stream_id: 0,
+            goaway: None,
+            established_logged: false,
+        };
+        let key = self.conns.insert(conn).ok()?;
+        self.cids.insert(scid.to_vec(), key);
+        // The client keeps using its own DCID until it learns ours; route it too, unless a live
+        // connection already owns those bytes (a collision must not hijack it).
+        if let std::collections::hash_map::Entry::Vacant(e) = self.cids.entry(odcid.to_vec()) {
+            e.insert(key);
+            if let Some(c) = self.conns.get_mut(key) {
+                c.cids.push(odcid.to_vec());
+            }
+        }
+        self.stats.conns_accepted += 1;
+        log::debug!("new connection {key:?} from {from}");
+        Some(key)
+    }
+
+    fn answer_unknown_short(
+        &mut self,
+        listener: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        dcid: &[u8],
+        len: usize,
+    ) {
+        self.stats.dropped_unknown += 1;
+        // Only CIDs that could be ours (our length, our worker) get a reset; the token is then
+        // the one we would have advertised, so a client whose connection we lost learns it.
+        if cid::owner_of(dcid).is_none() {
+            return;
+        }
+        let now = Instant::now().max(self.reset_budget.0);
+        if now.duration_since(self.reset_budget.0).as_secs() >= 1 {
+            self.reset_budget = (now, 0);
+        }
+        if self.reset_budget.1 >= RESETS_PER_SEC {
+            return;
+        }
+        let mut out = vec![0u8; 64];
+        if let Some(n) = cid::stateless_reset(&self.secret, dcid, len, &mut out) {
+            out.truncate(n);
+            self.reset_budget.1 += 1;
+            self.stats.stateless_resets += 1;
+            self.stateless.push_back((
+                Transmit {
+                    listener,
+                    to: from,
+                    from: to,
+                    len: n,
+                },
+                out,
+            ));
+        }
+    }
+
+    /// Everything a connection needs after input: HTTP/3 events, pending stream output, path
+    /// events, CID top-up, close when drained.
+    pub(crate) fn service_conn(&mut self, key: ConnKey, now: Instant) {
+        let h3_ready = {
+            let Some(c) = self.conns.get_mut(key) else {
+                return;
+            };
+            if c.q.is_established() && c.h3.is_none() {
+                match quiche::h3::Connection::with_transport(&mut c.q, &self.h3_config) {
+                    Ok(h3) => {
+                        c.h3 = Some(h3);
+                        self.stats.handshakes += 1;
+                        if !c.established_logged {
+                            c.established_logged = true;
+                            log::debug!("{}: established, alpn h3", c.q.trace_id());
+                        }
+                        if self.drain_deadline.is_some() {
+                            // Established during shutdown: tell it at once not to send requests.
+                            self.send_goaway(key);
+                        }
+                    }
+                    Err(e) => {
+                        log::debug!("{}: h3 setup failed: {e}", c.q.trace_id());
+                        let _ = c.q.close(true, H3_INTERNAL_ERROR, b"h3 setup");
+                    }
+                }
+            }
+            self.conns.get(key).is_some_and(|c| c.h3.is_some())
+        };
+        if h3_ready {
+            self.poll_h3(key, now);
+            self.push_streams(key, now);
+        }
+        self.path_events(key);
+        self.top_up_cids(key);
+        if let Some(c) = self.conns.get_mut(key) {
+            if self.drain_deadline.is_some()
+                && c.streams.is_empty()
+                && !c.q.is_closed()
+                && !c.q.is_draining()
+            {
+                let _ = c.q.close(true, H3_NO_ERROR, b"");
+            }
+        }
+    }
+
+    fn poll_h3(&mut self, key: ConnKey, now: Instant) {
+        loop {
+            let ev = {
+                let Some(c) = self.conns.get_mut(key) else {
+                    return;
+                };
+                let Some(h3) = c.h3.as_mut() else { return };
+                h3.poll(&mut c.q)
+            };
+            match ev {
+                Ok((sid, quiche::h3::Event::Headers { list, more_frames })) => {
+                    self.on_request_headers(now, key, sid, list, more_frames)
+                }
+                Ok((sid, quiche::h3::Event::Data)) => self.on_request_data(now, key, sid),
+                Ok((sid, quiche::h3::Event::Finished)) => self.on_request_finished(now, key, sid),
+                Ok((sid, quiche::h3::Event::Reset(code))) => self.on_request_reset(key, sid, code),
+                Ok((_, quiche::h3::Event::GoAway)) | Ok((_, quiche::h3::Event::PriorityUpdate)) => {
+                }
+                Err(quiche::h3::Error::Done) => return,
+                Err(e) => {
+                    // Connection-level HTTP/3 error: quiche has already queued CONNECTION_CLOSE
+                    // with the right code where the error is the peer's fault.
+                    if let Some(c) = self.conns.get_mut(key) {
+                        log::debug!("{}: h3 error: {e}", c.q.trace_id());
+                        if !c.q.is_closed() && !c.q.is_draining() {
+                            let _ = c.q.close(true, h3_error_code(&e), b"");
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Lets every stream of the connection move pending response data into quiche.
+    fn push_streams(&mut self, key: ConnKey, now: Instant) {
+        let sks: Vec<StreamKey> = match self.conns.get(key) {
+            Some(c) => c.streams.values().copied().collect(),
+            None => return,
+        };
+        for sk in sks {
+            self.pump_request(now, sk);
+            self.pump_response(now, sk);
+        }
+    }
+
+    fn path_events(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        while let Some(ev) = c.q.path_event_next() {
+            match ev {
+                quiche::PathEvent::PeerMigrated(local, peer) => {
+                    self.stats.migrations += 1;
+                    c.peer = peer;
+                    log::debug!(
+                        "{}: peer migrated to {peer} (local {local})",
+                        c.q.trace_id()
+                    );
+                }
+                other => log::trace!("{}: path event {other:?}", c.q.trace_id()),
+            }
+        }
+        while let Some(retired) = c.q.retired_scid_next() {
+            let bytes = retired.as_ref().to_vec();
+            if self.cids.get(&bytes) == Some(&key) {
+                self.cids.remove(&bytes);
+            }
+            c.cids.retain(|x| *x != bytes);
+        }
+    }
+
+    /// Keeps spare CIDs issued so a client can migrate or survive NAT rebinding.
+    fn top_up_cids(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if !c.q.is_established() || c.q.is_closed() {
+            return;
+        }
+        let mut guard = 0;
+        while c.q.scids_left() > 0 && guard < ACTIVE_CIDS {
+            guard += 1;
+            let new = cid::new_cid(self.worker);
+            if self.cids.contains_key(new.as_slice()) {
+                continue;
+            }
+            let token = self.secret.reset_token(&new);
+            match c
+                .q
+                .new_scid(&quiche::ConnectionId::from_ref(&new), token, false)
+            {
+                Ok(_) => {
+                    self.cids.insert(new.to_vec(), key);
+                    c.cids.push(new.to_vec());
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub(crate) fn send_goaway(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        match c.h3.as_mut() {
+            Some(h3) => {
+                let id = c.next_stream_id;
+                if h3.send_goaway(&mut c.q, id).is_ok() {
+                    c.goaway = Some(id);
+                    log::debug!("{}: GOAWAY {id}", c.q.trace_id());
+                }
+            }
+            None => {
+                // Still handshaking: nothing in flight to protect.
+                let _ = c.q.close(true, H3_NO_ERROR, b"shutting down");
+            }
+        }
+    }
+
+    /// Next packet of the connection at the front of the send queue; `None` when it has nothing
+    /// more (then its timer is refreshed and a closed connection is reaped).
+    pub(crate) fn conn_send(
+        &mut self,
+        key: ConnKey,
+        now: Instant,
+        buf: &mut [u8],
+    ) -> Option<Transmit> {
+        let c = self.conns.get_mut(key)?;
+        match c.q.send(buf) {
+            Ok((n, info)) => Some(Transmit {
+                listener: c.listener,
+                to: info.to,
+                from: info.from,
+                len: n,
+            }),
+            Err(e) => {
+                if e != quiche::Error::Done {
+                    log::debug!("{}: send: {e}", c.q.trace_id());
+                    let _ = c.q.close(false, 0x1, b"");
+                }
+                self.after_send(key, now);
+                None
+            }
+        }
+    }
+
+    fn after_send(&mut self, key: ConnKey, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.q.is_closed() {
+            self.reap(key);
+            return;
+        }
+        if let Some(at) = c.q.timeout_instant() {
+            if c.timer_at != Some(at) {
+                c.timer_at = Some(at);
+                self.schedule(at, Timer::Conn(key));
+            }
+        }
+        let _ = now;
+    }
+
+    pub(crate) fn conn_timer(&mut self, key: ConnKey, at: Instant, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.timer_at != Some(at) {
+            return; // superseded by a later schedule
+        }
+        c.timer_at = None;
+        if c.q.timeout_instant().is_some_and(|t| t <= now) {
+            c.q.on_timeout();
+        }
+        self.mark_dirty(key);
+    }
+
+    /// Removes a closed connection, its streams and its routing entries.
+    fn reap(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get(key) else { return };
+        let sks: Vec<StreamKey> = c.streams.values().copied().collect();
+        for sk in sks {
+            self.drop_stream(sk);
+        }
+        let Some(c) = self.conns.remove(key) else {
+            return;
+        };
+        for id in &c.cids {
+            if self.cids.get(id) == Some(&key) {
+                self.cids.remove(id);
+            }
+        }
+        self.stats.conns_closed += 1;
+        let s = c.q.stats();
+        log::debug!(
+            "{}: closed (peer error {:?}, local error {:?}, {} pkts in, {} out, {} lost)",
+            c.q.trace_id(),
+            c.q.peer_error(),
+            c.q.local_error(),
+            s.recv,
+            s.sent,
+            s.lost
+        );
+    }
+}

@@ -1,0 +1,670 @@
+//! One request's life: HTTP/3 HEADERS in, a backend connection assigned, the request and its body
+//! written as HTTP/1.1, the response parsed and sent back as HTTP/3, the stream removed.
+//!
+//! Phases (forward only): `Waiting` (no backend connection yet or connecting) → `Forwarding`
+//! (request going out, response coming back) → removed. A stream is always created in full before
+//! anything can reject it, so a stream above the GOAWAY id is a complete entry that is then
+//! refused (the HAProxy 3.0 `h3s->h3c` NULL crash class).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use quiche::h3::{Header, NameValue};
+
+use crate::core::{BackendKey, ConnKey, Core, StreamKey, Timer, STREAM_BUFFER_HIGH};
+use crate::frontend::{H3_INTERNAL_ERROR, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_REJECTED};
+use crate::http1::{self, BodyKind, Parsed, ResponseParser};
+use crate::request::{self, RequestError};
+
+pub struct Stream {
+    pub(crate) conn: ConnKey,
+    pub(crate) id: u64,
+    pub(crate) backend: usize,
+    pub(crate) bconn: Option<BackendKey>,
+    /// Servers already tried for this request (connect failures move on to the next).
+    pub(crate) tried: Vec<usize>,
+    pub(crate) started: Instant,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) log: AccessLog,
+
+    // Request direction.
+    framing: BodyKind,
+    /// The encoded head, kept while a body-less request may still be retried on a new
+    /// connection (a pooled connection the origin closed under us).
+    retry_head: Option<Vec<u8>>,
+    pub(crate) to_backend: Vec<u8>,
+    /// quiche has request body we have not read yet (its Data event fires only once until drained).
+    body_readable: bool,
+    req_body_bytes: u64,
+    content_length: Option<u64>,
+    /// The client's side is complete (FIN read, or we stopped reading it).
+    req_fin: bool,
+
+    // Response direction.
+    parser: ResponseParser,
+    pub(crate) from_backend: Vec<u8>,
+    head: Option<(Vec<Header>, bool)>,
+    head_sent: bool,
+    body_out: Vec<u8>,
+    resp_end: bool,
+    fin_sent: bool,
+    pub(crate) got_response_bytes: bool,
+    pub(crate) backend_keepalive: bool,
+}
+
+/// What the access log line needs.
+#[derive(Default, Clone)]
+pub struct AccessLog {
+    pub client: Option<SocketAddr>,
+    pub method: String,
+    pub authority: String,
+    pub path: String,
+    pub status: u16,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub server: String,
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+impl Stream {
+    /// Buffered response bytes the client has not taken yet.
+    pub(crate) fn response_buffered(&self) -> usize {
+        self.from_backend.len() + self.body_out.len()
+    }
+    pub(crate) fn response_complete(&self) -> bool {
+        self.parser.is_done()
+    }
+    /// The backend closed its side: Ok if that completes the response (close-delimited body).
+    pub(crate) fn parser_eof(&mut self) -> Result<(), ()> {
+        match self.parser.on_eof() {
+            Ok(Parsed::End) => {
+                self.resp_end = true;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(_) => Err(()),
+        }
+    }
+    /// The whole request (head and body) has been handed to the backend connection.
+    pub(crate) fn request_sent(&self) -> bool {
+        self.req_fin && self.to_backend.is_empty() && !self.body_readable
+    }
+}
+
+impl Core {
+    pub(crate) fn on_request_headers(
+        &mut self,
+        now: Instant,
+        ck: ConnKey,
+        sid: u64,
+        list: Vec<Header>,
+        more_frames: bool,
+    ) {
+        let Some(c) = self.conns.get_mut(ck) else {
+            return;
+        };
+        if !sid.is_multiple_of(4) {
+            return; // only client-initiated bidirectional streams carry requests
+        }
+        if c.streams.contains_key(&sid) {
+            // Trailers (a second HEADERS): HTTP/1.1 chunked trailers are not forwarded; the
+            // body is complete once FIN arrives.
+            return;
+        }
+        c.next_stream_id = c.next_stream_id.max(sid + 4);
+        let above_goaway = c.goaway.is_some_and(|g| sid >= g);
+        let peer = c.peer;
+        let backend = self.frontend_backend.get(c.frontend).copied().unwrap_or(0);
+
+        let stream = Stream {
+            conn: ck,
+            id: sid,
+            backend,
+            bconn: None,
+            tried: Vec::new(),
+            started: now,
+            deadline: None,
+            log: AccessLog {
+                client: Some(peer),
+                ..AccessLog::default()
+            },
+            framing: BodyKind::None,
+            retry_head: None,
+            to_backend: Vec::new(),
+            body_readable: false,
+            req_body_bytes: 0,
+            content_length: None,
+            req_fin: !more_frames,
+            parser: ResponseParser::new(false),
+            from_backend: Vec::new(),
+            head: None,
+            head_sent: false,
+            body_out: Vec::new(),
+            resp_end: false,
+            fin_sent: false,
+            got_response_bytes: false,
+            backend_keepalive: false,
+        };
+        let sk = match self.streams.insert(stream) {
+            Ok(k) => k,
+            Err(_) => {
+                // Cannot happen while quiche's stream limit is below the table's capacity;
+                // refuse rather than half-create.
+                if let Some(c) = self.conns.get_mut(ck) {
+                    let _ =
+                        c.q.stream_shutdown(sid, quiche::Shutdown::Read, H3_REQUEST_REJECTED);
+                    let _ =
+                        c.q.stream_shutdown(sid, quiche::Shutdown::Write, H3_REQUEST_REJECTED);
+                }
+                return;
+            }
+        };
+        if let Some(c) = self.conns.get_mut(ck) {
+            c.streams.insert(sid, sk);
+        }
+        self.stats.streams_opened += 1;
+
+        if above_goaway {
+            // RFC 9114 §5.2: requests above the GOAWAY id are rejected and may be retried.
+            self.stats.streams_rejected += 1;
+            self.reset_stream(sk, H3_REQUEST_REJECTED);
+            return;
+        }
+
+        let fields = list.iter().map(|h| (h.name(), h.value()));
+        let req = match request::from_h3(fields, !more_frames) {
+            Ok(r) => r,
+            Err(RequestError::Malformed(why)) => {
+                log::debug!("stream {sid}: malformed request: {why}");
+                self.reset_stream(sk, H3_MESSAGE_ERROR);
+                return;
+            }
+            Err(RequestError::BadRequest(why)) => {
+                log::debug!("stream {sid}: bad request: {why}");
+                self.respond_error(now, sk, 400, why);
+                return;
+            }
+            Err(RequestError::NotImplemented(why)) => {
+                self.respond_error(now, sk, 501, why);
+                return;
+            }
+        };
+        let framing = http1::body_kind(&req);
+        let mut head = Vec::with_capacity(512);
+        http1::encode_request_head(&req, peer, &framing, &mut head);
+        let is_head = req.method == b"HEAD";
+        let Some(s) = self.streams.get_mut(sk) else {
+            return;
+        };
+        s.log.method = lossy(&req.method);
+        s.log.authority = lossy(&req.authority);
+        s.log.path = lossy(&req.path);
+        s.parser = ResponseParser::new(is_head);
+        s.content_length = req.content_length;
+        if matches!(framing, BodyKind::None) {
+            s.retry_head = Some(head.clone());
+        }
+        s.framing = framing;
+        s.to_backend = head;
+        log::debug!(
+            "stream {sid}: {} {} {}",
+            s.log.method,
+            s.log.authority,
+            s.log.path
+        );
+        self.assign_backend(now, sk);
+    }
+
+    pub(crate) fn on_request_data(&mut self, now: Instant, ck: ConnKey, sid: u64) {
+        let Some(&sk) = self.conns.get(ck).and_then(|c| c.streams.get(&sid)) else {
+            self.discard_unknown_stream(ck, sid);
+            return;
+        };
+        if let Some(s) = self.streams.get_mut(sk) {
+            s.body_readable = true;
+        }
+        self.pump_request(now, sk);
+    }
+
+    pub(crate) fn on_request_finished(&mut self, now: Instant, ck: ConnKey, sid: u64) {
+        let Some(&sk) = self.conns.get(ck).and_then(|c| c.streams.get(&sid)) else {
+            return;
+        };
+        let Some(s) = self.streams.get_mut(sk) else {
+            return;
+        };
+        if s.req_fin {
+            self.try_finish(sk);
+            return;
+        }
+        s.req_fin = true;
+        // RFC 9114 §4.1.2: a body whose length differs from content-length is malformed.
+        if let Some(cl) = s.content_length {
+            if cl != s.req_body_bytes {
+                log::debug!(
+                    "stream {sid}: body {} bytes, content-length {cl}",
+                    s.req_body_bytes
+                );
+                if s.head_sent {
+                    self.reset_stream(sk, H3_MESSAGE_ERROR);
+                } else {
+                    self.close_backend_of(sk);
+                    self.reset_stream(sk, H3_MESSAGE_ERROR);
+                }
+                return;
+            }
+        }
+        if matches!(s.framing, BodyKind::Chunked) {
+            http1::encode_last_chunk(&mut s.to_backend);
+        }
+        self.pump_request(now, sk);
+        self.try_finish(sk);
+    }
+
+    pub(crate) fn on_request_reset(&mut self, ck: ConnKey, sid: u64, code: u64) {
+        let Some(&sk) = self.conns.get(ck).and_then(|c| c.streams.get(&sid)) else {
+            return;
+        };
+        log::debug!("stream {sid}: reset by client (0x{code:x})");
+        if let Some(s) = self.streams.get_mut(sk) {
+            s.log.status = 499;
+        }
+        // The client gave up: the backend connection is mid-exchange and cannot be reused.
+        self.reset_stream(sk, H3_REQUEST_REJECTED.min(code.max(H3_NO_ERROR)));
+    }
+
+    fn discard_unknown_stream(&mut self, ck: ConnKey, sid: u64) {
+        // Data for a stream we already finished with (e.g. body after an early error response):
+        // read and drop it so flow control keeps moving.
+        let Core { conns, scratch, .. } = self;
+        let Some(c) = conns.get_mut(ck) else { return };
+        let Some(h3) = c.h3.as_mut() else { return };
+        while let Ok(n) = h3.recv_body(&mut c.q, sid, scratch) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// Reads request body from quiche while there is room, and hands it to the backend when the
+    /// backend connection is ready and idle.
+    pub(crate) fn pump_request(&mut self, _now: Instant, sk: StreamKey) {
+        let mut error = None;
+        {
+            let Core {
+                conns,
+                streams,
+                scratch,
+                ..
+            } = self;
+            let Some(s) = streams.get_mut(sk) else { return };
+            let Some(c) = conns.get_mut(s.conn) else {
+                return;
+            };
+            let Some(h3) = c.h3.as_mut() else { return };
+            while s.body_readable && s.to_backend.len() < STREAM_BUFFER_HIGH && !s.resp_end {
+                match h3.recv_body(&mut c.q, s.id, scratch) {
+                    Ok(n) => {
+                        let data = &scratch[..n];
+                        s.req_body_bytes += n as u64;
+                        s.log.bytes_in += n as u64;
+                        match s.framing {
+                            BodyKind::Chunked => http1::encode_chunk(data, &mut s.to_backend),
+                            _ => s.to_backend.extend_from_slice(data),
+                        }
+                        if s.content_length.is_some_and(|cl| s.req_body_bytes > cl) {
+                            error = Some(H3_MESSAGE_ERROR);
+                            break;
+                        }
+                        if matches!(s.framing, BodyKind::None) && n > 0 {
+                            error = Some(H3_MESSAGE_ERROR);
+                            break;
+                        }
+                    }
+                    Err(quiche::h3::Error::Done) => s.body_readable = false,
+                    Err(e) => {
+                        log::debug!("stream {}: recv_body: {e}", s.id);
+                        error = Some(H3_INTERNAL_ERROR);
+                        break;
+                    }
+                }
+            }
+            if s.resp_end && s.body_readable {
+                // Response already complete (an error answer): drop the rest of the body.
+                while let Ok(n) = h3.recv_body(&mut c.q, s.id, scratch) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                s.body_readable = false;
+            }
+            // Once any body was read, a retry would need it again: no retry from here on.
+            if s.req_body_bytes > 0 {
+                s.retry_head = None;
+            }
+        }
+        if let Some(code) = error {
+            self.close_backend_of(sk);
+            self.reset_stream(sk, code);
+            return;
+        }
+        self.backend_write(sk);
+        if let Some(s) = self.streams.get(sk) {
+            let ck = s.conn;
+            self.mark_dirty(ck);
+        }
+    }
+
+    /// Parses what the backend sent and moves it toward the client as far as flow control allows.
+    pub(crate) fn pump_response(&mut self, now: Instant, sk: StreamKey) {
+        let mut bad_response = None;
+        {
+            let Some(s) = self.streams.get_mut(sk) else {
+                return;
+            };
+            let mut off = 0;
+            let Stream {
+                parser,
+                from_backend,
+                body_out,
+                head,
+                log,
+                backend_keepalive,
+                resp_end,
+                ..
+            } = &mut *s;
+            while head.is_none() || !*resp_end {
+                // Parse even an empty input: a Length body ends with an End the parser reports
+                // only when asked again.
+                let Some(input) = from_backend.get(off..) else {
+                    break;
+                };
+                match parser.parse(input) {
+                    Ok((n, Parsed::Head(h))) => {
+                        off += n;
+                        let mut list = Vec::with_capacity(h.headers.len() + 1);
+                        list.push(Header::new(b":status", h.status.to_string().as_bytes()));
+                        for (name, value) in &h.headers {
+                            list.push(Header::new(name, value));
+                        }
+                        let empty = matches!(h.body, http1::ResponseBody::Empty);
+                        log.status = h.status;
+                        *backend_keepalive = h.keep_alive;
+                        *head = Some((list, empty));
+                        if empty {
+                            *resp_end = true;
+                        }
+                    }
+                    Ok((n, Parsed::Body(b))) => {
+                        off += n;
+                        body_out.extend_from_slice(b);
+                        if n == 0 {
+                            break; // no progress: wait for more input
+                        }
+                    }
+                    Ok((n, Parsed::End)) => {
+                        off += n;
+                        *resp_end = true;
+                    }
+                    Ok((n, Parsed::NeedMore)) => {
+                        // NeedMore may still have consumed framing bytes (chunk lines, 1xx).
+                        off += n;
+                        break;
+                    }
+                    Err(e) => {
+                        bad_response = Some(e);
+                        break;
+                    }
+                }
+            }
+            s.from_backend.drain(..off.min(s.from_backend.len()));
+            if s.resp_end && !s.from_backend.is_empty() {
+                // Bytes after the end of the response: the connection is out of sync.
+                s.backend_keepalive = false;
+            }
+        }
+        if let Some(e) = bad_response {
+            log::warn!("stream {sk:?}: invalid response from backend: {e:?}");
+            self.stats.backend_errors += 1;
+            self.close_backend_of(sk);
+            let head_known = self.streams.get(sk).is_some_and(|s| s.head.is_some());
+            if head_known {
+                self.reset_stream(sk, H3_INTERNAL_ERROR);
+            } else {
+                self.respond_error(now, sk, 502, "invalid response from server");
+            }
+            return;
+        }
+        self.send_response_data(sk);
+        self.backend_read(sk);
+        if self.streams.get(sk).is_some_and(|s| s.resp_end) {
+            self.release_backend(sk);
+        }
+        self.try_finish(sk);
+    }
+
+    /// Moves the pending head and body into quiche as far as the stream's capacity allows.
+    fn send_response_data(&mut self, sk: StreamKey) {
+        let mut fail = false;
+        {
+            let Core { conns, streams, .. } = self;
+            let Some(s) = streams.get_mut(sk) else { return };
+            let Some(c) = conns.get_mut(s.conn) else {
+                return;
+            };
+            let Some(h3) = c.h3.as_mut() else { return };
+            if !s.head_sent {
+                if let Some((list, fin)) = &s.head {
+                    match h3.send_response(&mut c.q, s.id, list, *fin) {
+                        Ok(()) => {
+                            s.head_sent = true;
+                            s.fin_sent = *fin;
+                        }
+                        Err(quiche::h3::Error::StreamBlocked) => return,
+                        Err(e) => {
+                            log::debug!("stream {}: send_response: {e}", s.id);
+                            fail = true;
+                        }
+                    }
+                }
+            }
+            while !fail && s.head_sent && !s.fin_sent && !s.body_out.is_empty() {
+                match h3.send_body(&mut c.q, s.id, &s.body_out, s.resp_end) {
+                    Ok(n) => {
+                        let all = n == s.body_out.len();
+                        s.body_out.drain(..n);
+                        s.log.bytes_out += n as u64;
+                        if all && s.resp_end {
+                            s.fin_sent = true;
+                        }
+                        if !all {
+                            break;
+                        }
+                    }
+                    Err(quiche::h3::Error::Done) => break,
+                    Err(e) => {
+                        log::debug!("stream {}: send_body: {e}", s.id);
+                        fail = true;
+                    }
+                }
+            }
+            if !fail && s.head_sent && !s.fin_sent && s.body_out.is_empty() && s.resp_end {
+                match h3.send_body(&mut c.q, s.id, &[], true) {
+                    Ok(_) => s.fin_sent = true,
+                    Err(quiche::h3::Error::Done) => {}
+                    Err(_) => fail = true,
+                }
+            }
+        }
+        if fail {
+            self.close_backend_of(sk);
+            self.drop_stream(sk);
+        }
+    }
+
+    /// Answers the stream with a short error response (when no response head was sent yet).
+    pub(crate) fn respond_error(&mut self, now: Instant, sk: StreamKey, status: u16, why: &str) {
+        let reason = match status {
+            400 => "Bad Request",
+            408 => "Request Timeout",
+            501 => "Not Implemented",
+            502 => "Bad Gateway",
+            503 => "Service Unavailable",
+            504 => "Gateway Timeout",
+            _ => "Error",
+        };
+        log::debug!("stream {sk:?}: answering {status}: {why}");
+        let body = format!("{status} {reason}: {why}\n").into_bytes();
+        let Some(s) = self.streams.get_mut(sk) else {
+            return;
+        };
+        if s.head_sent {
+            let _ = s;
+            self.reset_stream(sk, H3_INTERNAL_ERROR);
+            return;
+        }
+        s.head = Some((
+            vec![
+                Header::new(b":status", status.to_string().as_bytes()),
+                Header::new(b"content-type", b"text/plain"),
+                Header::new(b"content-length", body.len().to_string().as_bytes()),
+            ],
+            false,
+        ));
+        s.log.status = status;
+        s.body_out = body;
+        s.from_backend.clear();
+        s.resp_end = true;
+        s.deadline = None;
+        s.retry_head = None;
+        self.close_backend_of(sk);
+        self.send_response_data(sk);
+        self.pump_request(now, sk); // discard any body still arriving
+        self.try_finish(sk);
+        if let Some(s) = self.streams.get(sk) {
+            let ck = s.conn;
+            self.mark_dirty(ck);
+        }
+    }
+
+    /// Removes the stream once the response is fully handed to quiche; stops reading a request
+    /// body the response no longer needs (RFC 9114 §4.1: H3_NO_ERROR).
+    pub(crate) fn try_finish(&mut self, sk: StreamKey) {
+        let Some(s) = self.streams.get(sk) else {
+            return;
+        };
+        if !s.fin_sent {
+            return;
+        }
+        if !s.req_fin {
+            if let Some(c) = self.conns.get_mut(s.conn) {
+                let _ =
+                    c.q.stream_shutdown(s.id, quiche::Shutdown::Read, H3_NO_ERROR);
+            }
+        }
+        self.count_response(sk);
+        self.drop_stream(sk);
+    }
+
+    fn count_response(&mut self, sk: StreamKey) {
+        let Some(s) = self.streams.get(sk) else {
+            return;
+        };
+        let class = (s.log.status / 100) as usize;
+        if let Some(n) = self.stats.responses.get_mut(class) {
+            *n += 1;
+        }
+        let l = &s.log;
+        log::info!(
+            target: "access",
+            "{} {} {} {} {} {} {} {}ms {}",
+            l.client.map(|a| a.to_string()).unwrap_or_default(),
+            l.authority,
+            l.method,
+            l.path,
+            l.status,
+            l.bytes_in,
+            l.bytes_out,
+            s.started.elapsed().as_millis(),
+            if l.server.is_empty() { "-" } else { &l.server }
+        );
+    }
+
+    /// Resets both directions of the stream with `code` and removes it.
+    pub(crate) fn reset_stream(&mut self, sk: StreamKey, code: u64) {
+        let Some(s) = self.streams.get(sk) else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(s.conn) {
+            let _ = c.q.stream_shutdown(s.id, quiche::Shutdown::Read, code);
+            let _ = c.q.stream_shutdown(s.id, quiche::Shutdown::Write, code);
+        }
+        let ck = s.conn;
+        self.close_backend_of(sk);
+        self.drop_stream(sk);
+        self.mark_dirty(ck);
+    }
+
+    /// Forgets the stream: unlinks it from its connection and its backend connection (which is
+    /// closed unless it was already handed back to the pool).
+    pub(crate) fn drop_stream(&mut self, sk: StreamKey) {
+        self.close_backend_of(sk);
+        let Some(s) = self.streams.remove(sk) else {
+            return;
+        };
+        if let Some(c) = self.conns.get_mut(s.conn) {
+            if c.streams.get(&s.id) == Some(&sk) {
+                c.streams.remove(&s.id);
+            }
+        }
+        // Whatever ended the stream left frames in quiche (FIN, RESET_STREAM): send them.
+        self.mark_dirty(s.conn);
+        debug_assert!(!self.streams.contains(sk));
+    }
+
+    pub(crate) fn stream_timer(&mut self, sk: StreamKey, at: Instant, now: Instant) {
+        let Some(s) = self.streams.get(sk) else {
+            return;
+        };
+        if s.deadline != Some(at) {
+            return;
+        }
+        log::debug!("stream {}: backend timeout", s.id);
+        self.stats.backend_errors += 1;
+        if s.head_sent {
+            self.reset_stream(sk, H3_INTERNAL_ERROR);
+        } else {
+            self.respond_error(now, sk, 504, "server timeout");
+        }
+    }
+
+    pub(crate) fn set_stream_deadline(&mut self, sk: StreamKey, at: Option<Instant>) {
+        let Some(s) = self.streams.get_mut(sk) else {
+            return;
+        };
+        s.deadline = at;
+        if let Some(at) = at {
+            self.schedule(at, Timer::Stream(sk));
+        }
+    }
+
+    /// Takes the encoded head for a retry on a fresh connection, if the request allows one.
+    pub(crate) fn take_retry(&mut self, sk: StreamKey) -> Option<Vec<u8>> {
+        let s = self.streams.get_mut(sk)?;
+        if s.got_response_bytes || s.req_body_bytes > 0 {
+            return None;
+        }
+        s.retry_head.take()
+    }
+
+    pub(crate) fn restart_request(&mut self, sk: StreamKey, head: Vec<u8>) {
+        if let Some(s) = self.streams.get_mut(sk) {
+            s.to_backend = head;
+            s.from_backend.clear();
+            s.parser = ResponseParser::new(s.log.method == "HEAD");
+        }
+    }
+}
