@@ -71,6 +71,7 @@ pub enum BackendEvent<'a> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     Conn(ConnKey),
+    Handshake(ConnKey),
     Stream(StreamKey),
     Drain,
 }
@@ -126,6 +127,8 @@ pub struct Core {
     pub(crate) bconns: Table<BackendConn>,
     /// Per backend, per server: pool and balancing state.
     pub(crate) servers: Vec<Vec<ServerState>>,
+    /// Live connections per frontend, for `max-connections`.
+    pub(crate) frontend_conns: Vec<usize>,
 
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     /// Connections with new input to process at the next `flush`.
@@ -200,6 +203,7 @@ impl Core {
             streams: Table::with_capacity(max_streams.max(1)),
             bconns: Table::with_capacity(max_streams.max(1)),
             servers,
+            frontend_conns: vec![0; config.frontends.len()],
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
             sendable: VecDeque::new(),
@@ -241,6 +245,7 @@ impl Core {
             self.timers.pop();
             match t {
                 Timer::Conn(key) => self.conn_timer(key, at, now),
+                Timer::Handshake(key) => self.handshake_timer(key),
                 Timer::Stream(key) => self.stream_timer(key, at, now),
                 Timer::Drain => self.drain_expired(now),
             }

@@ -36,6 +36,10 @@ pub struct Conn {
     /// Lowest client stream id not yet seen: the GOAWAY id on shutdown.
     pub(crate) next_stream_id: u64,
     pub(crate) goaway: Option<u64>,
+    /// Streams whose response is complete on our side but may still be unacknowledged; a
+    /// draining connection closes only when quiche has collected them all (closing earlier
+    /// would discard response bytes still in flight).
+    pub(crate) flushing: Vec<u64>,
     pub(crate) established_logged: bool,
 }
 
@@ -112,7 +116,7 @@ impl Core {
             return;
         }
         if hdr.ty == quiche::Type::Short {
-            self.answer_unknown_short(listener, from, to, hdr.dcid.as_ref(), buf.len());
+            self.answer_unknown_short(now, listener, from, to, hdr.dcid.as_ref(), buf.len());
             return;
         }
         if hdr.ty != quiche::Type::Initial {
@@ -176,18 +180,13 @@ impl Core {
         to: SocketAddr,
         odcid: &[u8],
     ) -> Option<ConnKey> {
-        let _ = now;
         if self.drain_deadline.is_some() {
             self.stats.dropped_at_capacity += 1;
             return None;
         }
         let fe_idx = self.listeners.get(listener)?.frontend;
         let fe = self.frontends.get(fe_idx)?;
-        let live_on_frontend = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.frontend == fe_idx)
-            .count();
+        let live_on_frontend = self.frontend_conns.get(fe_idx).copied().unwrap_or(0);
         // Refuse before allocating anything (sozu's can_accept): limits are checked here only.
         if self.conns.is_full() || live_on_frontend >= fe.max_connections {
             self.stats.dropped_at_capacity += 1;
@@ -217,6 +216,7 @@ impl Core {
             timer_at: None,
             next_stream_id: 0,
             goaway: None,
+            flushing: Vec::new(),
             established_logged: false,
         };
         let key = self.conns.insert(conn).ok()?;
@@ -230,12 +230,20 @@ impl Core {
             }
         }
         self.stats.conns_accepted += 1;
+        if let Some(n) = self.frontend_conns.get_mut(fe_idx) {
+            *n += 1;
+        }
+        let handshake = self.frontends.get(fe_idx).map(|f| f.timeouts.handshake);
+        if let Some(t) = handshake {
+            self.schedule(now + t, Timer::Handshake(key));
+        }
         log::debug!("new connection {key:?} from {from}");
         Some(key)
     }
 
     fn answer_unknown_short(
         &mut self,
+        now: Instant,
         listener: usize,
         from: SocketAddr,
         to: SocketAddr,
@@ -248,8 +256,7 @@ impl Core {
         if cid::owner_of(dcid).is_none() {
             return;
         }
-        let now = Instant::now().max(self.reset_budget.0);
-        if now.duration_since(self.reset_budget.0).as_secs() >= 1 {
+        if now.saturating_duration_since(self.reset_budget.0).as_secs() >= 1 {
             self.reset_budget = (now, 0);
         }
         if self.reset_budget.1 >= RESETS_PER_SEC {
@@ -308,8 +315,19 @@ impl Core {
         self.path_events(key);
         self.top_up_cids(key);
         if let Some(c) = self.conns.get_mut(key) {
-            if self.drain_deadline.is_some()
+            let draining = self.drain_deadline.is_some();
+            if draining || c.flushing.len() > 64 {
+                let q = &mut c.q;
+                c.flushing.retain(|&sid| {
+                    !matches!(
+                        q.stream_capacity(sid),
+                        Err(quiche::Error::InvalidStreamState(_))
+                    )
+                });
+            }
+            if draining
                 && c.streams.is_empty()
+                && c.flushing.is_empty()
                 && !c.q.is_closed()
                 && !c.q.is_draining()
             {
@@ -496,6 +514,20 @@ impl Core {
         self.mark_dirty(key);
     }
 
+    /// `timeout handshake`: a connection still not established is closed (half-open
+    /// connections cost memory and CPU; this bounds what a flood of Initials can hold).
+    pub(crate) fn handshake_timer(&mut self, key: ConnKey) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        if c.q.is_established() || c.q.is_closed() {
+            return;
+        }
+        log::debug!("{}: handshake timeout", c.q.trace_id());
+        let _ = c.q.close(false, 0x0, b"handshake timeout");
+        self.mark_dirty(key);
+    }
+
     /// Removes a closed connection, its streams and its routing entries.
     fn reap(&mut self, key: ConnKey) {
         let Some(c) = self.conns.get(key) else { return };
@@ -512,6 +544,10 @@ impl Core {
             }
         }
         self.stats.conns_closed += 1;
+        if let Some(n) = self.frontend_conns.get_mut(c.frontend) {
+            debug_assert!(*n > 0);
+            *n = n.saturating_sub(1);
+        }
         let s = c.q.stats();
         log::debug!(
             "{}: closed (peer error {:?}, local error {:?}, {} pkts in, {} out, {} lost)",

@@ -565,6 +565,9 @@ impl Core {
                     c.q.stream_shutdown(s.id, quiche::Shutdown::Read, H3_NO_ERROR);
             }
         }
+        if let Some(c) = self.conns.get_mut(s.conn) {
+            c.flushing.push(s.id);
+        }
         self.count_response(sk);
         self.drop_stream(sk);
     }

@@ -74,16 +74,12 @@ impl<T> fmt::Debug for Key<T> {
     }
 }
 
-enum Slot<T> {
-    Occupied { gen: u32, value: T },
-    Vacant { gen: u32, next_free: Option<u32> },
-}
-
-/// A slab whose keys carry a generation. Lookups with a removed key return `None`.
+/// A `slab::Slab` plus one generation counter per slot. The slab gives dense storage and slot
+/// reuse; the generations make reuse safe. Lookups with a removed key return `None`.
 pub struct Table<T> {
-    slots: Vec<Slot<T>>,
-    free_head: Option<u32>,
-    len: usize,
+    slab: slab::Slab<T>,
+    /// Generation of each slot index ever used; bumped when the slot's entry is removed.
+    gens: Vec<u32>,
     capacity: usize,
 }
 
@@ -91,102 +87,88 @@ impl<T> Table<T> {
     /// `capacity` is a hard limit: `insert` fails beyond it (refuse before allocating).
     pub fn with_capacity(capacity: usize) -> Self {
         Table {
-            slots: Vec::new(),
-            free_head: None,
-            len: 0,
+            slab: slab::Slab::new(),
+            gens: Vec::new(),
             capacity,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.slab.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.slab.is_empty()
     }
 
     pub fn is_full(&self) -> bool {
-        self.len >= self.capacity
+        self.slab.len() >= self.capacity
     }
 
     /// Inserts `value`; on a full table the value is handed back.
     pub fn insert(&mut self, value: T) -> Result<Key<T>, T> {
-        self.insert_with(|_| value).map_err(|f| f(Key::new(0, 0)))
+        if self.is_full() {
+            return Err(value);
+        }
+        Ok(self
+            .insert_with(|_| value)
+            .ok()
+            .expect("not full: checked above"))
     }
 
     /// Inserts the value built by `f`, which gets the entry's own key (for entries that name
     /// themselves). On a full table `f` is handed back unused.
     pub fn insert_with<F: FnOnce(Key<T>) -> T>(&mut self, f: F) -> Result<Key<T>, F> {
-        if self.is_full() {
+        if self.is_full() || self.slab.vacant_key() >= u32::MAX as usize {
             return Err(f);
         }
-        let key = match self.free_head {
-            Some(index) => {
-                let slot = &mut self.slots[index as usize];
-                let (gen, next) = match slot {
-                    Slot::Vacant { gen, next_free } => (*gen, *next_free),
-                    Slot::Occupied { .. } => unreachable!("free list points at an occupied slot"),
-                };
-                self.free_head = next;
-                let key = Key::new(index, gen);
-                *slot = Slot::Occupied { gen, value: f(key) };
-                key
-            }
-            None => {
-                let index = self.slots.len() as u32;
-                let key = Key::new(index, 0);
-                self.slots.push(Slot::Occupied {
-                    gen: 0,
-                    value: f(key),
-                });
-                key
-            }
-        };
-        self.len += 1;
+        let index = self.slab.vacant_key();
+        if index == self.gens.len() {
+            self.gens.push(0);
+        }
+        let key = Key::new(index as u32, self.gens[index]);
+        let got = self.slab.insert(f(key));
+        debug_assert_eq!(got, index);
         debug_assert!(self.get(key).is_some());
         Ok(key)
     }
 
+    fn live(&self, key: Key<T>) -> bool {
+        self.gens.get(key.index as usize) == Some(&key.gen)
+            && self.slab.contains(key.index as usize)
+    }
+
     pub fn get(&self, key: Key<T>) -> Option<&T> {
-        match self.slots.get(key.index as usize)? {
-            Slot::Occupied { gen, value } if *gen == key.gen => Some(value),
-            _ => None,
+        if self.live(key) {
+            self.slab.get(key.index as usize)
+        } else {
+            None
         }
     }
 
     pub fn get_mut(&mut self, key: Key<T>) -> Option<&mut T> {
-        match self.slots.get_mut(key.index as usize)? {
-            Slot::Occupied { gen, value } if *gen == key.gen => Some(value),
-            _ => None,
+        if self.live(key) {
+            self.slab.get_mut(key.index as usize)
+        } else {
+            None
         }
     }
 
     pub fn contains(&self, key: Key<T>) -> bool {
-        self.get(key).is_some()
+        self.live(key)
     }
 
     /// Removes the entry and bumps the slot's generation so `key` (and every copy of it) is dead.
     pub fn remove(&mut self, key: Key<T>) -> Option<T> {
-        let slot = self.slots.get_mut(key.index as usize)?;
-        match slot {
-            Slot::Occupied { gen, .. } if *gen == key.gen => {}
-            _ => return None,
+        if !self.live(key) {
+            return None;
         }
-        let old = std::mem::replace(
-            slot,
-            Slot::Vacant {
-                gen: key.gen.wrapping_add(1),
-                next_free: self.free_head,
-            },
-        );
-        self.free_head = Some(key.index);
-        self.len -= 1;
+        let value = self.slab.try_remove(key.index as usize)?;
+        if let Some(g) = self.gens.get_mut(key.index as usize) {
+            *g = g.wrapping_add(1);
+        }
         debug_assert!(self.get(key).is_none());
-        match old {
-            Slot::Occupied { value, .. } => Some(value),
-            Slot::Vacant { .. } => None,
-        }
+        Some(value)
     }
 
     pub fn keys(&self) -> Vec<Key<T>> {
@@ -194,33 +176,21 @@ impl<T> Table<T> {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (Key<T>, &T)> {
-        self.slots.iter().enumerate().filter_map(|(i, s)| match s {
-            Slot::Occupied { gen, value } => Some((Key::new(i as u32, *gen), value)),
-            Slot::Vacant { .. } => None,
+        self.slab.iter().map(|(i, v)| {
+            (
+                Key::new(i as u32, self.gens.get(i).copied().unwrap_or(0)),
+                v,
+            )
         })
     }
 
-    /// Debug-only consistency check: the length matches the occupied slots and the free list
-    /// covers exactly the vacant ones.
+    /// Debug-only consistency check: every occupied slot has a generation entry.
     pub fn check_invariants(&self) {
         if cfg!(debug_assertions) {
-            let occupied = self
-                .slots
-                .iter()
-                .filter(|s| matches!(s, Slot::Occupied { .. }))
-                .count();
-            assert_eq!(occupied, self.len, "table length out of sync");
-            let mut free = 0;
-            let mut cur = self.free_head;
-            while let Some(i) = cur {
-                match self.slots.get(i as usize) {
-                    Some(Slot::Vacant { next_free, .. }) => cur = *next_free,
-                    _ => panic!("free list reaches a non-vacant slot"),
-                }
-                free += 1;
-                assert!(free <= self.slots.len(), "free list has a cycle");
+            for (i, _) in self.slab.iter() {
+                assert!(i < self.gens.len(), "slot {i} has no generation");
             }
-            assert_eq!(free + self.len, self.slots.len(), "free list incomplete");
+            assert!(self.slab.len() <= self.capacity, "table over capacity");
         }
     }
 }

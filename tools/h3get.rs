@@ -124,11 +124,6 @@ struct Args {
     #[argh(option)]
     rebind_every: Option<u64>,
 
-    /// with --rebind-every, perform a real client migration
-    /// (conn.migrate_source) instead of a transparent rebinding
-    #[argh(switch)]
-    migrate: bool,
-
     /// print connection details to stderr
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -281,6 +276,57 @@ fn pattern_byte(i: u64) -> u8 {
 struct Template {
     headers: Vec<quiche::h3::Header>,
     body: Body,
+    /// Send with our own frame encoder instead of quiche's h3 layer (which
+    /// lowercases names); see `encode_headers_frame`.
+    raw: bool,
+}
+
+/// Appends a QUIC variable-length integer.
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    if v < 1 << 6 {
+        out.push(v as u8);
+    } else if v < 1 << 14 {
+        out.extend_from_slice(&((v as u16) | 0x4000).to_be_bytes());
+    } else if v < 1 << 30 {
+        out.extend_from_slice(&((v as u32) | 0x8000_0000).to_be_bytes());
+    } else {
+        out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes());
+    }
+}
+
+/// Appends a QPACK/HPACK prefixed integer (RFC 7541 section 5.1).
+fn put_prefix_int(out: &mut Vec<u8>, first: u8, prefix: u32, mut v: u64) {
+    let mask = (1u64 << prefix) - 1;
+    if v < mask {
+        out.push(first | v as u8);
+        return;
+    }
+    out.push(first | mask as u8);
+    v -= mask;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Encodes an HTTP/3 HEADERS frame carrying exactly `headers`, byte for
+/// byte: every field is a QPACK "literal field line with literal name"
+/// without Huffman coding and without dynamic table references.
+fn encode_headers_frame(headers: &[quiche::h3::Header]) -> Vec<u8> {
+    // Required Insert Count 0, Base 0.
+    let mut block = vec![0u8, 0u8];
+    for h in headers {
+        put_prefix_int(&mut block, 0x20, 3, h.name().len() as u64);
+        block.extend_from_slice(h.name());
+        put_prefix_int(&mut block, 0x00, 7, h.value().len() as u64);
+        block.extend_from_slice(h.value());
+    }
+    let mut frame = Vec::with_capacity(block.len() + 16);
+    put_varint(&mut frame, 0x1);
+    put_varint(&mut frame, block.len() as u64);
+    frame.extend_from_slice(&block);
+    frame
 }
 
 /// Options shared by all connections.
@@ -298,7 +344,6 @@ struct Opts {
     sha256: bool,
     expect_status: Option<u16>,
     rebind_every: Option<Duration>,
-    migrate: bool,
     verbose: bool,
     deadline: Instant,
     timeout: Duration,
@@ -339,6 +384,9 @@ struct Req {
     sha: Option<Sha256>,
     to_sink: bool,
     state: State,
+    /// Raw mode: encoded frame bytes not yet accepted by the stream.
+    raw_buf: Vec<u8>,
+    raw_off: usize,
 }
 
 impl Req {
@@ -353,6 +401,8 @@ impl Req {
             sha: if sha { Some(Sha256::new()) } else { None },
             to_sink,
             state: State::Pending,
+            raw_buf: Vec::new(),
+            raw_off: 0,
         }
     }
 
@@ -519,6 +569,8 @@ struct Client<'a> {
     start: Instant,
     established: bool,
     refused: Option<String>,
+    /// Raw mode: next client-initiated bidirectional stream ID.
+    next_raw_sid: u64,
 }
 
 impl<'a> Client<'a> {
@@ -590,6 +642,7 @@ impl<'a> Client<'a> {
             start: Instant::now(),
             established: false,
             refused: None,
+            next_raw_sid: 0,
         })
     }
 
@@ -813,6 +866,21 @@ impl<'a> Client<'a> {
             }
             let tpl = self.template(i);
             let fin = tpl.body.len() == 0;
+            if tpl.raw {
+                if self.conn.peer_streams_left_bidi() == 0 {
+                    return;
+                }
+                let sid = self.next_raw_sid;
+                self.next_raw_sid += 4;
+                let r = &mut self.reqs[i];
+                r.stream = Some(sid);
+                r.state = State::Active;
+                r.raw_buf = encode_headers_frame(&tpl.headers);
+                r.raw_off = 0;
+                self.by_stream.insert(sid, i);
+                self.next_pending += 1;
+                continue;
+            }
             let Some(h3) = self.h3.as_mut() else {
                 return;
             };
@@ -843,6 +911,10 @@ impl<'a> Client<'a> {
                 continue;
             }
             let Some(sid) = r.stream else { continue };
+            if self.template(i).raw {
+                self.send_raw(i, sid);
+                continue;
+            }
             let body = &self.template(i).body;
             let total = body.len();
             loop {
@@ -883,6 +955,62 @@ impl<'a> Client<'a> {
                         self.fail(i, &format!("stream {sid}: sending body failed: {e:?}"));
                         break;
                     }
+                }
+            }
+        }
+    }
+
+    /// Raw mode: writes the HEADERS frame and then the body as DATA frames
+    /// directly on the QUIC stream, as far as flow control allows.
+    fn send_raw(&mut self, i: usize, sid: u64) {
+        let body = &self.template(i).body;
+        let total = body.len();
+        loop {
+            let r = &mut self.reqs[i];
+            if r.raw_off == r.raw_buf.len() {
+                if r.body_off == total {
+                    r.body_done = true;
+                    return;
+                }
+                let data = body.slice(r.body_off, self.o.chunk, &mut self.scratch);
+                r.raw_buf.clear();
+                r.raw_off = 0;
+                put_varint(&mut r.raw_buf, 0x0);
+                put_varint(&mut r.raw_buf, data.len() as u64);
+                r.raw_buf.extend_from_slice(data);
+                r.body_off += data.len() as u64;
+            }
+            let fin = r.body_off == total;
+            match self.conn.stream_send(sid, &r.raw_buf[r.raw_off..], fin) {
+                Ok(w) => {
+                    r.raw_off += w;
+                    if r.raw_off < r.raw_buf.len() {
+                        return;
+                    }
+                    if fin {
+                        r.body_done = true;
+                        return;
+                    }
+                }
+                Err(quiche::Error::Done) | Err(quiche::Error::StreamLimit) => return,
+                Err(quiche::Error::StreamStopped(c)) => {
+                    r.body_done = true;
+                    if c != H3_NO_ERROR {
+                        eprintln!(
+                            "{}stream {sid}: peer stopped the request: error code 0x{c:x} ({})",
+                            self.tag,
+                            h3_code_name(c)
+                        );
+                    }
+                    return;
+                }
+                Err(quiche::Error::StreamReset(_)) => {
+                    r.body_done = true;
+                    return;
+                }
+                Err(e) => {
+                    self.fail(i, &format!("stream {sid}: sending request failed: {e:?}"));
+                    return;
                 }
             }
         }
@@ -1124,9 +1252,9 @@ impl<'a> Client<'a> {
         }
     }
 
-    /// Switches to a fresh UDP socket (new local port). By default quiche
-    /// is not told (the server sees a NAT rebinding); with --migrate the
-    /// client migrates its path with `migrate_source`.
+    /// Switches to a fresh UDP socket (new local port) without telling
+    /// quiche, so the server sees a NAT rebinding: same connection IDs, new
+    /// client address. The previous socket is kept for packets in flight.
     fn rebind(&mut self) {
         let udp = match new_socket(self.o.peer) {
             Ok(u) => u,
@@ -1135,37 +1263,16 @@ impl<'a> Client<'a> {
                 return;
             }
         };
-        let Ok(real) = udp.local_addr() else { return };
-        let old_real = self
-            .socks
-            .last()
-            .and_then(|s| s.udp.local_addr().ok())
-            .map(|a| a.port())
-            .unwrap_or(0);
-        let mut qaddr = self.socks[0].qaddr;
-        if self.o.migrate {
-            match self.conn.migrate_source(real) {
-                Ok(_) => qaddr = real,
-                Err(e) => {
-                    eprintln!(
-                        "{}migrate: {e:?}; falling back to a transparent rebinding",
-                        self.tag
-                    );
-                    qaddr = self.socks.last().map(|s| s.qaddr).unwrap_or(qaddr);
-                }
-            }
-        } else if let Some(last) = self.socks.last() {
-            qaddr = last.qaddr;
-        }
+        let Some(last) = self.socks.last() else {
+            return;
+        };
+        let qaddr = last.qaddr;
         if self.o.verbose {
-            eprintln!(
-                "{}rebind: local port {old_real} -> {}",
-                self.tag,
-                real.port()
-            );
+            let old = last.udp.local_addr().map(|a| a.port()).unwrap_or(0);
+            let new = udp.local_addr().map(|a| a.port()).unwrap_or(0);
+            eprintln!("{}rebind: local port {old} -> {new}", self.tag);
         }
         self.socks.push(Sock { udp, qaddr });
-        // Keep the previous socket a while for packets still in flight.
         while self.socks.len() > 2 {
             self.socks.remove(0);
         }
@@ -1303,12 +1410,19 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
             ),
         ],
         body: Body::Empty,
+        // The h3 layer picks stream IDs itself, so once we allocate them by
+        // hand every request of the connection must be sent the raw way.
+        raw: args.raw_headers,
     });
     let peer = resolve(&target)?;
     Ok(Opts {
         target,
         peer,
-        main: Template { headers, body },
+        main: Template {
+            headers,
+            body,
+            raw: args.raw_headers,
+        },
         then,
         chunk: args.chunk,
         insecure: args.insecure,
@@ -1319,7 +1433,6 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
         sha256: args.sha256,
         expect_status: args.expect_status,
         rebind_every: args.rebind_every.map(|ms| Duration::from_millis(ms.max(1))),
-        migrate: args.migrate,
         verbose: args.verbose,
         deadline: start + timeout,
         timeout,
