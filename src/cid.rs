@@ -23,9 +23,19 @@ impl Secret {
         Secret(s)
     }
 
-    #[cfg(test)]
+    /// A fixed secret: `cluster-secret` (every node sharing it can answer for another), tests
+    /// and fuzzing (reproducible tokens). Without `cluster-secret`, production uses `random`.
     pub fn from_bytes(b: [u8; 32]) -> Self {
         Secret(b)
+    }
+
+    /// A key for one purpose, so material minted for one use never validates for another.
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+        hmac_sha256(&self.0, label).unwrap_or_else(|_| {
+            let mut r = [0u8; 32];
+            fill_random(&mut r);
+            r
+        })
     }
 
     /// RFC 9000 §10.3.2: a token that is a function of the CID and a static key.

@@ -29,7 +29,17 @@ pub const MAX_CONCURRENT_STREAMS_LIMIT: u64 = 1 << 60;
 pub const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
 
 const SECTIONS: &[&str] = &["global", "defaults", "frontend", "backend"];
-const GLOBAL_KEYWORDS: &[&str] = &["workers", "max-memory", "user", "group", "diagnostic"];
+const GLOBAL_KEYWORDS: &[&str] = &[
+    "workers",
+    "max-memory",
+    "user",
+    "group",
+    "diagnostic",
+    "steering",
+    "gso",
+    "gro",
+    "cluster-secret",
+];
 const DEFAULTS_KEYWORDS: &[&str] = &["timeout"];
 const FRONTEND_KEYWORDS: &[&str] = &[
     "bind",
@@ -39,6 +49,8 @@ const FRONTEND_KEYWORDS: &[&str] = &[
     "max-connections",
     "max-concurrent-streams",
     "timeout",
+    "quic-retry",
+    "retry-threshold",
 ];
 const BACKEND_KEYWORDS: &[&str] = &["balance", "server", "timeout"];
 const TIMEOUT_KINDS: &[&str] = &["connect", "server", "client", "drain", "handshake"];
@@ -68,7 +80,7 @@ impl Config {
 }
 
 /// Process-wide settings from the `global` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Global {
     /// `None` means one worker per CPU.
     pub workers: Option<usize>,
@@ -77,7 +89,47 @@ pub struct Global {
     pub user: Option<String>,
     pub group: Option<String>,
     pub diagnostic: bool,
+    /// Kernel CID steering (SO_ATTACH_REUSEPORT_CBPF); off = 4-tuple hash plus handoff.
+    pub steering: bool,
+    /// UDP generic segmentation offload on send, when the kernel accepts it.
+    pub gso: bool,
+    /// UDP generic receive offload, when the kernel accepts it.
+    pub gro: bool,
+    /// Secret behind stateless-reset and Retry tokens, shared by a cluster so any node can
+    /// answer for another; `None` = random per process start.
+    pub cluster_secret: Option<[u8; 32]>,
 }
+
+impl Default for Global {
+    fn default() -> Self {
+        Global {
+            workers: None,
+            max_memory: None,
+            user: None,
+            group: None,
+            diagnostic: false,
+            steering: true,
+            gso: true,
+            gro: true,
+            cluster_secret: None,
+        }
+    }
+}
+
+/// When a frontend answers a new connection with a Retry (address validation, RFC 9000 §8.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RetryMode {
+    /// Never: every Initial is accepted at once.
+    Off,
+    /// Only while half-open connections exceed `retry-threshold` (a handshake flood).
+    #[default]
+    Auto,
+    /// Always: every new client proves its address first (costs one round trip).
+    Always,
+}
+
+/// Default `retry-threshold`: half-open connections per worker before `quic-retry auto` kicks in.
+pub const DEFAULT_RETRY_THRESHOLD: usize = 200;
 
 /// Effective timeouts of a frontend or backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,6 +167,8 @@ pub struct Frontend {
     pub max_connections: usize,
     pub max_concurrent_streams: u64,
     pub timeouts: Timeouts,
+    pub retry: RetryMode,
+    pub retry_threshold: usize,
 }
 
 /// Server selection algorithm of a backend.
@@ -351,6 +405,8 @@ struct FrontendDraft {
     max_connections: usize,
     max_concurrent_streams: u64,
     timeouts: Timeouts,
+    retry: RetryMode,
+    retry_threshold: usize,
     /// Keyword (or `timeout <kind>`) -> first line, for duplicate and
     /// missing-keyword checks. Filled even when the value is invalid, so a
     /// bad value is not also reported as missing.
@@ -543,6 +599,8 @@ impl<'a> Parser<'a> {
                 max_connections: DEFAULT_MAX_CONNECTIONS,
                 max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
                 timeouts: self.defaults,
+                retry: RetryMode::default(),
+                retry_threshold: DEFAULT_RETRY_THRESHOLD,
                 seen: HashMap::new(),
             });
             self.section = Section::Frontend(self.frontends.len() - 1);
@@ -590,17 +648,13 @@ impl<'a> Parser<'a> {
             }
             "user" => g.user = Some(one_arg(keyword, args, "user <name>")?.to_string()),
             "group" => g.group = Some(one_arg(keyword, args, "group <name>")?.to_string()),
-            "diagnostic" => {
-                g.diagnostic = match one_arg(keyword, args, "diagnostic on|off")? {
-                    "on" => true,
-                    "off" => false,
-                    other => {
-                        return Err(format!(
-                            "invalid value '{}' for 'diagnostic' (expected on or off)",
-                            show(other)
-                        ))
-                    }
-                };
+            "diagnostic" => g.diagnostic = on_off(keyword, args)?,
+            "steering" => g.steering = on_off(keyword, args)?,
+            "gso" => g.gso = on_off(keyword, args)?,
+            "gro" => g.gro = on_off(keyword, args)?,
+            "cluster-secret" => {
+                let value = one_arg(keyword, args, "cluster-secret <64 hex digits>")?;
+                g.cluster_secret = Some(parse_secret(value)?);
             }
             _ => {}
         }
@@ -661,6 +715,24 @@ impl<'a> Parser<'a> {
             "max-connections" => {
                 let value = one_arg(keyword, args, "max-connections <count>")?;
                 fe.max_connections = parse_usize(keyword, value, 1)?;
+            }
+            "quic-retry" => {
+                fe.retry = match one_arg(keyword, args, "quic-retry always|auto|off")? {
+                    "always" => RetryMode::Always,
+                    "auto" => RetryMode::Auto,
+                    "off" => RetryMode::Off,
+                    other => {
+                        return Err(unknown(
+                            "quic-retry mode",
+                            other,
+                            &["always", "auto", "off"],
+                        ))
+                    }
+                };
+            }
+            "retry-threshold" => {
+                let value = one_arg(keyword, args, "retry-threshold <half-open connections>")?;
+                fe.retry_threshold = parse_usize(keyword, value, 0)?;
             }
             "max-concurrent-streams" => {
                 let value = one_arg(keyword, args, "max-concurrent-streams <count>")?;
@@ -771,6 +843,8 @@ impl<'a> Parser<'a> {
                     default_backend: fe.default_backend.unwrap_or_default().0,
                     max_connections: fe.max_connections,
                     max_concurrent_streams: fe.max_concurrent_streams,
+                    retry: fe.retry,
+                    retry_threshold: fe.retry_threshold,
                     timeouts: fe.timeouts,
                 }
             })
@@ -807,6 +881,40 @@ fn once(seen: &mut HashMap<String, usize>, keyword: &str, line: usize) -> Result
 }
 
 /// Handles `timeout <kind> <duration>`.
+/// `KEYWORD on|off`.
+fn on_off(keyword: &str, args: &[&str]) -> Result<bool, String> {
+    match one_arg(keyword, args, &format!("{keyword} on|off"))? {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!(
+            "invalid value '{}' for '{keyword}' (expected on or off)",
+            show(other)
+        )),
+    }
+}
+
+/// 32 bytes as 64 hex digits.
+fn parse_secret(value: &str) -> Result<[u8; 32], String> {
+    let bytes = value.as_bytes();
+    if bytes.len() != 64 {
+        return Err(format!(
+            "'cluster-secret' needs 64 hex digits (32 bytes), got {} characters",
+            bytes.len()
+        ));
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        let hex = std::str::from_utf8(pair)
+            .ok()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (hex, out.get_mut(i)) {
+            (Some(b), Some(o)) => *o = b,
+            _ => return Err("'cluster-secret' must be hexadecimal".to_string()),
+        }
+    }
+    Ok(out)
+}
+
 fn set_timeout(
     seen: &mut HashMap<String, usize>,
     timeouts: &mut Timeouts,
@@ -1222,6 +1330,7 @@ backend app
                 user: Some("h3gate".into()),
                 group: Some("nogroup".into()),
                 diagnostic: true,
+                ..Global::default()
             },
             frontends: vec![Frontend {
                 name: "web".into(),
@@ -1239,6 +1348,8 @@ backend app
                     client: secs(60),
                     ..defaults
                 },
+                retry: RetryMode::Auto,
+                retry_threshold: DEFAULT_RETRY_THRESHOLD,
             }],
             backends: vec![Backend {
                 name: "app".into(),
@@ -2003,5 +2114,21 @@ backend app
         let e = load(&conf).unwrap_err();
         assert_eq!((e[0].line, e[0].message.as_str()), (3, "invalid UTF-8"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn udp_path_and_retry_keywords() {
+        let text = "global\n    steering off\n    gso off\n    gro on\n    cluster-secret 000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\nfrontend web\n    bind :8443\n    cert c.pem\n    key k.pem\n    default_backend app\n    quic-retry always\n    retry-threshold 10\nbackend app\n    server s1 127.0.0.1:8080\n";
+        let c = parse("t.conf", text).unwrap();
+        assert!(!c.global.steering && !c.global.gso && c.global.gro);
+        assert_eq!(c.global.cluster_secret.map(|s| s[31]), Some(0x1f));
+        assert_eq!(c.frontends[0].retry, RetryMode::Always);
+        assert_eq!(c.frontends[0].retry_threshold, 10);
+        let bad = text.replace("quic-retry always", "quic-retry sometimes");
+        let errs = parse("t.conf", &bad).unwrap_err();
+        assert_eq!(errs[0].line, 11, "{errs:?}");
+        let bad = text.replace("cluster-secret 00", "cluster-secret zz");
+        let errs = parse("t.conf", &bad).unwrap_err();
+        assert!(errs[0].message.contains("hexadecimal"), "{errs:?}");
     }
 }

@@ -35,6 +35,18 @@ pub struct Transmit {
     pub to: SocketAddr,
     pub from: SocketAddr,
     pub len: usize,
+    /// Set when `len` holds several datagrams of this size (GSO; the last may be shorter).
+    pub segment_size: Option<usize>,
+}
+
+/// A datagram that belongs to another worker's connection, to be passed to that worker.
+#[derive(Debug)]
+pub struct Handoff {
+    pub worker: u8,
+    pub listener: usize,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub data: Vec<u8>,
 }
 
 /// Work for the ring on a backend TCP connection, named by its generation key.
@@ -100,6 +112,12 @@ pub struct Stats {
     pub backend_reuses: u64,
     pub backend_errors: u64,
     pub stale_events: u64,
+    pub handoffs_out: u64,
+    pub handoffs_in: u64,
+    pub gso_batches: u64,
+    pub gso_disabled: u64,
+    pub retries_sent: u64,
+    pub retry_token_invalid: u64,
 }
 
 /// Listener (bound socket) as the core sees it: which frontend and which local address.
@@ -111,6 +129,17 @@ pub struct Listener {
 
 pub struct Core {
     pub(crate) worker: u8,
+    /// Size of the worker group (CID owner bytes below it belong to a sibling).
+    pub(crate) workers: u8,
+    /// Most datagrams per GSO batch; 1 = no GSO.
+    pub(crate) gso_segments: usize,
+    pub(crate) handoffs: VecDeque<Handoff>,
+    /// Connections not yet established (drives `quic-retry auto`).
+    pub(crate) half_open: usize,
+    /// Wall-clock anchor for Retry token expiry, so the core still only reads `now`.
+    clock_base: (Instant, u64),
+    /// The thread that created the core: the only one that may touch it (debug check).
+    owner: std::thread::ThreadId,
     pub(crate) frontends: Vec<Frontend>,
     pub(crate) backends: Vec<Backend>,
     /// Index of each frontend's default backend in `backends`.
@@ -189,8 +218,18 @@ impl Core {
             .iter()
             .map(|b| b.servers.iter().map(ServerState::new).collect())
             .collect();
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         Ok(Core {
             worker,
+            workers: 1,
+            gso_segments: 1,
+            handoffs: VecDeque::new(),
+            half_open: 0,
+            clock_base: (now, unix),
+            owner: std::thread::current().id(),
             frontends: config.frontends.clone(),
             backends: config.backends.clone(),
             frontend_backend,
@@ -217,6 +256,37 @@ impl Core {
         })
     }
 
+    /// The worker group has `n` workers (datagrams for CIDs of the others are handed off).
+    pub fn set_workers(&mut self, n: u8) {
+        self.workers = n.max(1);
+    }
+
+    /// Largest GSO batch the socket accepts (1 turns GSO off).
+    pub fn set_gso_segments(&mut self, n: usize) {
+        if n < self.gso_segments {
+            self.stats.gso_disabled += 1;
+        }
+        self.gso_segments = n.clamp(1, 64);
+    }
+
+    pub fn poll_handoff(&mut self) -> Option<Handoff> {
+        self.handoffs.pop_front()
+    }
+
+    /// Seconds since the Unix epoch at `now` (for token expiry).
+    pub(crate) fn unix_time(&self, now: Instant) -> u64 {
+        self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs()
+    }
+
+    /// Shared-nothing: a core is only ever used by the thread that built it.
+    pub(crate) fn debug_check_thread(&self) {
+        debug_assert_eq!(
+            std::thread::current().id(),
+            self.owner,
+            "a worker's core was touched by another thread"
+        );
+    }
+
     pub(crate) fn schedule(&mut self, at: Instant, t: Timer) {
         self.timers.push(Reverse((at, t)));
     }
@@ -238,6 +308,7 @@ impl Core {
 
     /// Fires every timer due at `now`.
     pub fn on_timer(&mut self, now: Instant) {
+        self.debug_check_thread();
         while let Some(Reverse((at, t))) = self.timers.peek().copied() {
             if at > now {
                 break;
@@ -253,6 +324,7 @@ impl Core {
     }
 
     pub fn on_backend(&mut self, now: Instant, key: BackendKey, ev: BackendEvent<'_>) {
+        self.debug_check_thread();
         if !self.bconns.contains(key) {
             // The owner is gone (closed while the op was in flight). The ring already released
             // the buffer; nothing else to do.
@@ -308,6 +380,7 @@ impl Core {
 
     /// Writes the next datagram into `buf`. Call until `None` after every `flush`.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.debug_check_thread();
         if let Some((t, data)) = self.stateless.pop_front() {
             let n = data.len().min(buf.len());
             buf[..n].copy_from_slice(&data[..n]);

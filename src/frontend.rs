@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::cid::{self, CID_LEN};
-use crate::config::Frontend;
-use crate::core::{ConnKey, Core, StreamKey, Timer, Transmit};
+use crate::config::{Frontend, RetryMode};
+use crate::core::{ConnKey, Core, Handoff, StreamKey, Timer, Transmit};
+use crate::token;
 
 pub const H3_NO_ERROR: u64 = 0x100;
 pub const H3_INTERNAL_ERROR: u64 = 0x102;
@@ -40,7 +41,8 @@ pub struct Conn {
     /// draining connection closes only when quiche has collected them all (closing earlier
     /// would discard response bytes still in flight).
     pub(crate) flushing: Vec<u64>,
-    pub(crate) established_logged: bool,
+    /// Handshake completed (counted out of `half_open`).
+    pub(crate) established: bool,
 }
 
 /// Builds the quiche configuration of one frontend (reads its certificate and key).
@@ -101,6 +103,7 @@ impl Core {
         to: SocketAddr,
         buf: &mut [u8],
     ) {
+        self.debug_check_thread();
         self.stats.datagrams_in += 1;
         self.stats.bytes_in += buf.len() as u64;
         let hdr = match quiche::Header::from_slice(buf, CID_LEN) {
@@ -114,6 +117,24 @@ impl Core {
         if let Some(&key) = self.cids.get(hdr.dcid.as_ref()) {
             self.deliver(now, key, from, to, buf);
             return;
+        }
+        // Not ours: a CID another worker issued (steering off, a client that moved, a group
+        // change) goes to its owner, never processed here. Only short and Handshake headers are
+        // sure to carry one of our CIDs; an Initial may carry the client's random DCID.
+        if matches!(hdr.ty, quiche::Type::Short | quiche::Type::Handshake) {
+            if let Some(owner) = cid::owner_of(hdr.dcid.as_ref()) {
+                if owner != self.worker && owner < self.workers {
+                    self.stats.handoffs_out += 1;
+                    self.handoffs.push_back(Handoff {
+                        worker: owner,
+                        listener,
+                        from,
+                        to,
+                        data: buf.to_vec(),
+                    });
+                    return;
+                }
+            }
         }
         if hdr.ty == quiche::Type::Short {
             self.answer_unknown_short(now, listener, from, to, hdr.dcid.as_ref(), buf.len());
@@ -129,15 +150,7 @@ impl Core {
             if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
                 out.truncate(n);
                 self.stats.version_negotiations += 1;
-                self.stateless.push_back((
-                    Transmit {
-                        listener,
-                        to: from,
-                        from: to,
-                        len: n,
-                    },
-                    out,
-                ));
+                self.push_stateless(listener, from, to, out);
             }
             return;
         }
@@ -146,11 +159,105 @@ impl Core {
             self.stats.dropped_unparsable += 1;
             return;
         }
-        let key = match self.accept(now, listener, from, to, hdr.dcid.as_ref()) {
+        let Some(fe_idx) = self.listeners.get(listener).map(|l| l.frontend) else {
+            return;
+        };
+        let Some(fe) = self.frontends.get(fe_idx) else {
+            return;
+        };
+        let token = hdr.token.as_deref().unwrap_or(&[]);
+        let validated = if token.is_empty() {
+            None
+        } else {
+            match token::validate(
+                &self.secret,
+                self.unix_time(now),
+                from,
+                hdr.dcid.as_ref(),
+                token,
+            ) {
+                Ok(odcid) => Some(odcid),
+                Err(e) => {
+                    // A token we cannot validate (forged, expired, another address) proves
+                    // nothing; drop rather than let it skip address validation.
+                    self.stats.retry_token_invalid += 1;
+                    log::debug!("invalid retry token from {from}: {e:?}");
+                    return;
+                }
+            }
+        };
+        let want_retry = match fe.retry {
+            RetryMode::Always => true,
+            RetryMode::Auto => self.half_open >= fe.retry_threshold,
+            RetryMode::Off => false,
+        };
+        if validated.is_none() && want_retry {
+            self.send_retry(now, listener, from, to, &hdr);
+            return;
+        }
+        // After a Retry the client's DCID is the SCID of our Retry packet: it becomes the
+        // connection's own CID (it is ours: our length, our worker byte).
+        let (scid, odcid) = match &validated {
+            Some(odcid) if cid::owner_of(hdr.dcid.as_ref()) == Some(self.worker) => {
+                let mut scid = [0u8; CID_LEN];
+                scid.copy_from_slice(hdr.dcid.as_ref());
+                (scid, Some(odcid.as_slice()))
+            }
+            Some(_) => {
+                self.stats.retry_token_invalid += 1;
+                return;
+            }
+            None => (cid::new_cid(self.worker), None),
+        };
+        let key = match self.accept(now, listener, from, to, hdr.dcid.as_ref(), scid, odcid) {
             Some(k) => k,
             None => return,
         };
         self.deliver(now, key, from, to, buf);
+    }
+
+    fn push_stateless(&mut self, listener: usize, to: SocketAddr, from: SocketAddr, data: Vec<u8>) {
+        let len = data.len();
+        self.stateless.push_back((
+            Transmit {
+                listener,
+                to,
+                from,
+                len,
+                segment_size: None,
+            },
+            data,
+        ));
+    }
+
+    /// Address validation (RFC 9000 §8.1.2): answer with a Retry carrying a token bound to the
+    /// client's address, its original DCID and the new SCID; no state is kept.
+    fn send_retry(
+        &mut self,
+        now: Instant,
+        listener: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        hdr: &quiche::Header,
+    ) {
+        let new_scid = cid::new_cid(self.worker);
+        let tok = token::mint(
+            &self.secret,
+            self.unix_time(now),
+            from,
+            hdr.dcid.as_ref(),
+            &new_scid,
+        );
+        let mut out = vec![0u8; MAX_SEND_PAYLOAD];
+        let scid_ref = quiche::ConnectionId::from_ref(&new_scid);
+        match quiche::retry(&hdr.scid, &hdr.dcid, &scid_ref, &tok, hdr.version, &mut out) {
+            Ok(n) => {
+                out.truncate(n);
+                self.stats.retries_sent += 1;
+                self.push_stateless(listener, from, to, out);
+            }
+            Err(e) => log::debug!("retry to {from} failed: {e}"),
+        }
     }
 
     fn deliver(
@@ -172,13 +279,16 @@ impl Core {
         self.mark_dirty(key);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn accept(
         &mut self,
         now: Instant,
         listener: usize,
         from: SocketAddr,
         to: SocketAddr,
-        odcid: &[u8],
+        client_dcid: &[u8],
+        scid: [u8; CID_LEN],
+        odcid: Option<&[u8]>,
     ) -> Option<ConnKey> {
         if self.drain_deadline.is_some() {
             self.stats.dropped_at_capacity += 1;
@@ -193,11 +303,11 @@ impl Core {
             log::debug!("refusing connection from {from}: at capacity");
             return None;
         }
-        let scid = cid::new_cid(self.worker);
         let qcfg = self.quic.get_mut(fe_idx)?;
         qcfg.set_stateless_reset_token(Some(self.secret.reset_token(&scid)));
         let scid_ref = quiche::ConnectionId::from_ref(&scid);
-        let q = match quiche::accept(&scid_ref, None, to, from, qcfg) {
+        let odcid_ref = odcid.map(quiche::ConnectionId::from_ref);
+        let q = match quiche::accept(&scid_ref, odcid_ref.as_ref(), to, from, qcfg) {
             Ok(q) => q,
             Err(e) => {
                 log::debug!("accept from {from} failed: {e}");
@@ -217,18 +327,20 @@ impl Core {
             next_stream_id: 0,
             goaway: None,
             flushing: Vec::new(),
-            established_logged: false,
+            established: false,
         };
         let key = self.conns.insert(conn).ok()?;
         self.cids.insert(scid.to_vec(), key);
         // The client keeps using its own DCID until it learns ours; route it too, unless a live
         // connection already owns those bytes (a collision must not hijack it).
-        if let std::collections::hash_map::Entry::Vacant(e) = self.cids.entry(odcid.to_vec()) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.cids.entry(client_dcid.to_vec())
+        {
             e.insert(key);
             if let Some(c) = self.conns.get_mut(key) {
-                c.cids.push(odcid.to_vec());
+                c.cids.push(client_dcid.to_vec());
             }
         }
+        self.half_open += 1;
         self.stats.conns_accepted += 1;
         if let Some(n) = self.frontend_conns.get_mut(fe_idx) {
             *n += 1;
@@ -267,15 +379,7 @@ impl Core {
             out.truncate(n);
             self.reset_budget.1 += 1;
             self.stats.stateless_resets += 1;
-            self.stateless.push_back((
-                Transmit {
-                    listener,
-                    to: from,
-                    from: to,
-                    len: n,
-                },
-                out,
-            ));
+            self.push_stateless(listener, from, to, out);
         }
     }
 
@@ -286,15 +390,17 @@ impl Core {
             let Some(c) = self.conns.get_mut(key) else {
                 return;
             };
+            if c.q.is_established() && !c.established {
+                c.established = true;
+                debug_assert!(self.half_open > 0);
+                self.half_open = self.half_open.saturating_sub(1);
+                self.stats.handshakes += 1;
+                log::debug!("{}: established, alpn h3", c.q.trace_id());
+            }
             if c.q.is_established() && c.h3.is_none() {
                 match quiche::h3::Connection::with_transport(&mut c.q, &self.h3_config) {
                     Ok(h3) => {
                         c.h3 = Some(h3);
-                        self.stats.handshakes += 1;
-                        if !c.established_logged {
-                            c.established_logged = true;
-                            log::debug!("{}: established, alpn h3", c.q.trace_id());
-                        }
                         if self.drain_deadline.is_some() {
                             // Established during shutdown: tell it at once not to send requests.
                             self.send_goaway(key);
@@ -466,12 +572,43 @@ impl Core {
     ) -> Option<Transmit> {
         let c = self.conns.get_mut(key)?;
         match c.q.send(buf) {
-            Ok((n, info)) => Some(Transmit {
-                listener: c.listener,
-                to: info.to,
-                from: info.from,
-                len: n,
-            }),
+            Ok((first, info)) => {
+                // GSO batch: more packets for the same path, each exactly `first` bytes (the
+                // kernel cuts at that size), ending at a short packet, the batch limit or the
+                // caller's buffer. Only the last may be shorter.
+                let mut len = first;
+                let mut segments = 1;
+                let quantum = c.q.send_quantum().max(first);
+                while segments < self.gso_segments
+                    && len + first <= buf.len()
+                    && len + first <= quantum
+                {
+                    let Some(room) = buf.get_mut(len..len + first) else {
+                        break;
+                    };
+                    match c.q.send_on_path(room, Some(info.from), Some(info.to)) {
+                        Ok((n, _)) => {
+                            len += n;
+                            segments += 1;
+                            if n < first {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if segments > 1 {
+                    self.stats.gso_batches += 1;
+                }
+                self.stats.datagrams_out += segments as u64 - 1;
+                Some(Transmit {
+                    listener: c.listener,
+                    to: info.to,
+                    from: info.from,
+                    len,
+                    segment_size: (segments > 1).then_some(first),
+                })
+            }
             Err(e) => {
                 if e != quiche::Error::Done {
                     log::debug!("{}: send: {e}", c.q.trace_id());
@@ -544,6 +681,10 @@ impl Core {
             }
         }
         self.stats.conns_closed += 1;
+        if !c.established {
+            debug_assert!(self.half_open > 0);
+            self.half_open = self.half_open.saturating_sub(1);
+        }
         if let Some(n) = self.frontend_conns.get_mut(c.frontend) {
             debug_assert!(*n > 0);
             *n = n.saturating_sub(1);

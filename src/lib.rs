@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod cid;
+pub mod cmsg;
 pub mod config;
 pub mod core;
 pub mod frontend;
@@ -14,4 +15,5 @@ pub mod request;
 pub mod ring;
 pub mod stream;
 pub mod table;
+pub mod token;
 pub mod worker;

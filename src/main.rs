@@ -102,20 +102,47 @@ fn run(cmd: RunCmd) -> ExitCode {
         eprintln!("h3gate: {e}");
         return ExitCode::from(1);
     }
-    let workers = cfg.global.workers.unwrap_or(1).clamp(1, 255);
-    let secret = cid::Secret::random();
+    let workers = cfg
+        .global
+        .workers
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .clamp(1, 255);
+    let secret = match cfg.global.cluster_secret {
+        Some(s) => cid::Secret::from_bytes(s),
+        None => cid::Secret::random(),
+    };
     log::info!(
         "h3gate {} starting {workers} worker(s)",
         env!("CARGO_PKG_VERSION")
     );
+    // Bind everything here, in worker order, before any worker runs: the order of joining each
+    // SO_REUSEPORT group is the index the steering program returns.
+    let sockets = match worker::bind_all(&cfg, workers) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
+    let meshes = match worker::mesh(workers) {
+        Ok(m) => m,
+        Err(e) => {
+            log::error!("cannot create the worker handoff queues: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let cfg = std::sync::Arc::new(cfg);
     let mut handles = Vec::new();
-    for i in 0..workers {
+    for (i, (socks, mesh)) in sockets.into_iter().zip(meshes).enumerate() {
         let cfg = cfg.clone();
         let secret = secret.clone();
         let h = std::thread::Builder::new()
             .name(format!("worker-{i}"))
-            .spawn(move || worker::run(i as u8, &cfg, secret, &STOP));
+            .spawn(move || worker::run(i as u8, workers as u8, &cfg, secret, &STOP, socks, mesh));
         match h {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -129,7 +156,12 @@ fn run(cmd: RunCmd) -> ExitCode {
         match h.join() {
             Ok(Ok(r)) => {
                 log::info!("worker {} stats: {:?}", r.index, r.stats);
-                log::info!("worker {} ring: {:?}", r.index, r.ring);
+                log::info!(
+                    "worker {} ring: {:?} handoff_drops: {}",
+                    r.index,
+                    r.ring,
+                    r.handoff_drops
+                );
             }
             Ok(Err(e)) => {
                 log::error!("{e}");

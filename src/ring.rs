@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
+use crate::cmsg;
 use crate::core::{BackendAction, BackendEvent, BackendKey, Transmit};
 use crate::table::{Key, Table};
 
@@ -37,12 +38,17 @@ const TCP_RECV_BUF: usize = 64 * 1024;
 pub trait Handler {
     fn datagram(&mut self, listener: usize, from: SocketAddr, to: SocketAddr, data: &mut [u8]);
     fn backend(&mut self, key: BackendKey, ev: BackendEvent<'_>);
+    /// The worker's eventfd fired: another worker handed datagrams over.
+    fn wake(&mut self) {}
+    /// A GSO send failed with EIO/EINVAL: the kernel or device refuses segmentation.
+    fn gso_failed(&mut self) {}
 }
 
 struct RecvSlot {
     buf: Vec<u8>,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+    control: [u8; cmsg::SPACE],
     hdr: libc::msghdr,
 }
 
@@ -50,10 +56,15 @@ pub struct SendSlot {
     pub buf: Vec<u8>,
     iov: libc::iovec,
     addr: libc::sockaddr_storage,
+    control: [u8; cmsg::SPACE],
     hdr: libc::msghdr,
+    gso: bool,
 }
 
 enum Op {
+    Wake {
+        buf: Box<[u8; 8]>,
+    },
     UdpRecv {
         listener: usize,
         slot: Box<RecvSlot>,
@@ -87,11 +98,20 @@ pub struct Listener {
     pub local: SocketAddr,
 }
 
+impl Listener {
+    /// Bound to 0.0.0.0 / [::]: replies must name their source address (IP_PKTINFO).
+    fn wildcard(&self) -> bool {
+        self.local.ip().is_unspecified()
+    }
+}
+
 #[derive(Default, Debug, Clone)]
 pub struct RingStats {
     pub stale_completions: u64,
     pub udp_send_errors: u64,
     pub udp_recv_errors: u64,
+    pub gro_segments: u64,
+    pub gro_batches: u64,
     pub sq_full: u64,
 }
 
@@ -110,11 +130,13 @@ pub struct Ring {
     cqes: Vec<(u64, i32)>,
     tcp_recv_bufs: Vec<Vec<u8>>,
     stopping: bool,
+    wake_fd: Option<RawFd>,
     pub stats: RingStats,
 }
 
 impl Ring {
-    pub fn new(listeners: Vec<Listener>) -> io::Result<Ring> {
+    /// `wake_fd`: an eventfd other workers write to after handing datagrams over.
+    pub fn new(listeners: Vec<Listener>, wake_fd: Option<RawFd>) -> io::Result<Ring> {
         let ring = IoUring::builder().build(4096)?;
         let mut r = Ring {
             ring,
@@ -127,8 +149,12 @@ impl Ring {
             cqes: Vec::with_capacity(1024),
             tcp_recv_bufs: Vec::new(),
             stopping: false,
+            wake_fd,
             stats: RingStats::default(),
         };
+        if wake_fd.is_some() {
+            r.submit_wake(Box::new([0u8; 8]))?;
+        }
         for l in 0..r.listeners.len() {
             for _ in 0..RECV_SLOTS_PER_SOCKET {
                 let slot = Box::new(RecvSlot {
@@ -136,6 +162,7 @@ impl Ring {
                     // SAFETY: all-zero is a valid value for these plain C structs.
                     iov: unsafe { mem::zeroed() },
                     addr: unsafe { mem::zeroed() },
+                    control: [0u8; cmsg::SPACE],
                     hdr: unsafe { mem::zeroed() },
                 });
                 r.submit_recv(l, slot)?;
@@ -163,6 +190,21 @@ impl Ring {
         }
     }
 
+    fn submit_wake(&mut self, mut buf: Box<[u8; 8]>) -> io::Result<()> {
+        let Some(fd) = self.wake_fd else {
+            return Ok(());
+        };
+        let ptr = buf.as_mut_ptr();
+        let key = self
+            .ops
+            .insert(Op::Wake { buf })
+            .map_err(|_| io::Error::other("op table full"))?;
+        let sqe = opcode::Read::new(types::Fd(fd), ptr, 8)
+            .build()
+            .user_data(key.to_u64());
+        self.push(sqe)
+    }
+
     fn submit_recv(&mut self, listener: usize, mut slot: Box<RecvSlot>) -> io::Result<()> {
         let fd = self
             .listeners
@@ -180,6 +222,8 @@ impl Ring {
         slot.hdr.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         slot.hdr.msg_iov = &mut slot.iov;
         slot.hdr.msg_iovlen = 1;
+        slot.hdr.msg_control = slot.control.as_mut_ptr().cast();
+        slot.hdr.msg_controllen = slot.control.len();
         let hdr: *mut libc::msghdr = &mut slot.hdr;
         let key = self
             .ops
@@ -201,11 +245,14 @@ impl Ring {
         }
         self.send_slots += 1;
         Some(Box::new(SendSlot {
-            buf: vec![0u8; 2048],
+            // Room for a full GSO batch (a UDP payload is at most 65507 bytes over IPv4).
+            buf: vec![0u8; 65507],
             // SAFETY: all-zero is a valid value for these plain C structs.
             iov: unsafe { mem::zeroed() },
             addr: unsafe { mem::zeroed() },
+            control: [0u8; cmsg::SPACE],
             hdr: unsafe { mem::zeroed() },
+            gso: false,
         }))
     }
 
@@ -215,10 +262,21 @@ impl Ring {
 
     /// Sends `t.len` bytes of `slot.buf` to `t.to` from the listener's socket.
     pub fn send(&mut self, mut slot: Box<SendSlot>, t: Transmit) {
-        let Some(fd) = self.listeners.get(t.listener).map(|l| l.fd) else {
+        let Some((fd, wildcard)) = self.listeners.get(t.listener).map(|l| (l.fd, l.wildcard()))
+        else {
             self.send_free.push(slot);
             return;
         };
+        let mut enc = cmsg::Encoder::new(&mut slot.control);
+        let mut gso = false;
+        if let Some(seg) = t.segment_size.filter(|&s| s < t.len) {
+            gso = enc.segment_size(seg.min(usize::from(u16::MAX)) as u16);
+        }
+        if wildcard {
+            enc.source(t.from.ip());
+        }
+        let control_len = enc.len();
+        slot.gso = gso;
         let alen = write_sockaddr(&t.to, &mut slot.addr);
         slot.iov = libc::iovec {
             iov_base: slot.buf.as_mut_ptr().cast(),
@@ -230,6 +288,10 @@ impl Ring {
         slot.hdr.msg_namelen = alen;
         slot.hdr.msg_iov = &mut slot.iov;
         slot.hdr.msg_iovlen = 1;
+        if control_len > 0 {
+            slot.hdr.msg_control = slot.control.as_mut_ptr().cast();
+            slot.hdr.msg_controllen = control_len;
+        }
         let hdr: *const libc::msghdr = &slot.hdr;
         let Ok(key) = self.ops.insert(Op::UdpSend { slot }) else {
             self.stats.udp_send_errors += 1;
@@ -478,13 +540,35 @@ impl Ring {
         };
         let err = |res: i32| io::Error::from_raw_os_error(-res);
         match op {
+            Op::Wake { buf } => {
+                if res >= 0 {
+                    h.wake();
+                }
+                if !self.stopping {
+                    if let Err(e) = self.submit_wake(buf) {
+                        log::error!("cannot re-arm the wake-up read: {e}");
+                    }
+                }
+            }
             Op::UdpRecv { listener, mut slot } => {
                 if res >= 0 {
                     let local = self.listeners.get(listener).map(|l| l.local);
-                    if let (Some(from), Some(to)) = (read_sockaddr(&slot.addr), local) {
+                    let control_len = slot.hdr.msg_controllen.min(slot.control.len());
+                    let meta = cmsg::decode(&slot.control[..control_len]);
+                    if let (Some(from), Some(local)) = (read_sockaddr(&slot.addr), local) {
+                        // On a wildcard bind the datagram's own destination is the address
+                        // the client used; replies must leave from it.
+                        let to = SocketAddr::new(meta.dst.unwrap_or(local.ip()), local.port());
                         let n = (res as usize).min(slot.buf.len());
                         if let Some(data) = slot.buf.get_mut(..n) {
-                            h.datagram(listener, from, to, data);
+                            if meta.gro_segment.is_some_and(|s| s < n) {
+                                self.stats.gro_batches += 1;
+                            }
+                            // GRO: one buffer, several datagrams; each is routed on its own.
+                            for seg in cmsg::segments(data, meta.gro_segment) {
+                                self.stats.gro_segments += 1;
+                                h.datagram(listener, from, to, seg);
+                            }
                         }
                     }
                 } else if res != -libc::ECANCELED {
@@ -501,6 +585,11 @@ impl Ring {
                     // A lost datagram is QUIC's business (loss recovery); count it and go on.
                     self.stats.udp_send_errors += 1;
                     log::trace!("udp send: {}", err(res));
+                    // quinn-udp's rule: EIO/EINVAL on a segmented send means the path refuses
+                    // GSO; batches already queued fail too and are left to QUIC loss recovery.
+                    if slot.gso && (res == -libc::EIO || res == -libc::EINVAL) {
+                        h.gso_failed();
+                    }
                 }
                 self.send_free.push(slot);
             }
@@ -562,8 +651,13 @@ impl Ring {
         for o in owners {
             self.close(o);
         }
-        for l in 0..self.listeners.len() {
-            let fd = self.listeners[l].fd;
+        let fds: Vec<RawFd> = self
+            .listeners
+            .iter()
+            .map(|l| l.fd)
+            .chain(self.wake_fd)
+            .collect();
+        for fd in fds {
             let sqe = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                 .build()
                 .user_data(CANCEL_USER_DATA);
