@@ -33,6 +33,8 @@ pub struct ServerState {
     current: i64,
     maxconn: Option<u32>,
     pub(crate) failures: u64,
+    /// The last connect failed (logged once per change).
+    failing: bool,
 }
 
 impl ServerState {
@@ -44,6 +46,7 @@ impl ServerState {
             current: 0,
             maxconn: s.maxconn,
             failures: 0,
+            failing: false,
         }
     }
 
@@ -210,6 +213,24 @@ impl Core {
         match r {
             Ok(()) => {
                 bc.connected = true;
+                let (b, si) = (bc.backend, bc.server);
+                if let Some(st) = self.servers.get_mut(b).and_then(|v| v.get_mut(si)) {
+                    if std::mem::take(&mut st.failing) {
+                        let name = self
+                            .backends
+                            .get(b)
+                            .and_then(|be| {
+                                be.servers
+                                    .get(si)
+                                    .map(|s| format!("{}/{}", be.name, s.name))
+                            })
+                            .unwrap_or_default();
+                        log::info!("server {name} is back: connect succeeded");
+                    }
+                }
+                let Some(bc) = self.bconns.get_mut(bk) else {
+                    return;
+                };
                 let Some(sk) = sk else {
                     self.close_backend(bk);
                     return;
@@ -223,7 +244,25 @@ impl Core {
             }
             Err(e) => {
                 self.stats.backend_connect_errors += 1;
-                log::warn!("backend connect failed (server #{si}): {e}");
+                let b = self.bconns.get(bk).map(|c| c.backend);
+                let first = b
+                    .and_then(|b| self.servers.get_mut(b))
+                    .and_then(|v| v.get_mut(si))
+                    .is_some_and(|st| !std::mem::replace(&mut st.failing, true));
+                let name = b
+                    .and_then(|b| self.backends.get(b))
+                    .and_then(|be| {
+                        be.servers
+                            .get(si)
+                            .map(|s| format!("{}/{}", be.name, s.name))
+                    })
+                    .unwrap_or_default();
+                // Once per state change, not once per request: a dead server must not flood logs.
+                if first {
+                    log::warn!("server {name} is failing: connect: {e}");
+                } else {
+                    log::debug!("server {name}: connect: {e}");
+                }
                 self.close_backend(bk);
                 if let Some(sk) = sk {
                     if let Some(s) = self.streams.get_mut(sk) {
@@ -471,6 +510,7 @@ mod tests {
                 current: 0,
                 maxconn: None,
                 failures: 0,
+                failing: false,
             })
             .collect()
     }

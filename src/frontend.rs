@@ -17,8 +17,12 @@ pub const H3_MESSAGE_ERROR: u64 = 0x10e;
 
 /// Largest UDP payload we send. 1350 fits every common path MTU with room for tunnels.
 pub const MAX_SEND_PAYLOAD: usize = 1350;
-/// How many of our CIDs a client may hold at once (for migration it needs spares).
+/// How many of our CIDs we keep issued to a client (it needs spares to migrate).
 const ACTIVE_CIDS: u64 = 4;
+/// Our `active_connection_id_limit`. quiche 0.30 also uses it as the number of network paths a
+/// connection may keep, and it frees an old path only once no CID is linked to it; each NAT
+/// rebinding adds a path. 16 lets a connection survive that many rebindings (see README).
+const MAX_PATHS: u64 = 16;
 /// Stateless resets per worker per second; they answer unauthenticated input.
 const RESETS_PER_SEC: u32 = 100;
 
@@ -68,7 +72,7 @@ pub fn quic_config(fe: &Frontend) -> Result<quiche::Config, String> {
     c.set_initial_max_stream_data_uni(128 * 1024);
     c.set_initial_max_streams_bidi(fe.max_concurrent_streams);
     c.set_initial_max_streams_uni(8);
-    c.set_active_connection_id_limit(ACTIVE_CIDS);
+    c.set_active_connection_id_limit(MAX_PATHS);
     c.set_disable_active_migration(false);
     c.enable_hystart(true);
     Ok(c)
