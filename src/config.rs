@@ -584,7 +584,10 @@ impl<'a> Parser<'a> {
                 .map(|b| b.line)
         };
         if let Some(first) = previous {
-            let message = format!("duplicate {kind} '{name}' (first defined at line {first})");
+            let message = format!(
+                "duplicate {kind} '{}' (first defined at line {first})",
+                show(name)
+            );
             self.error(line, message);
         }
         // Duplicates are still parsed so that their bodies get checked too.
@@ -681,7 +684,7 @@ impl<'a> Parser<'a> {
                     } else {
                         format!(
                             "bind address {addr} already used by frontend '{}' at line {first}",
-                            other.name
+                            show(&other.name)
                         )
                     });
                 }
@@ -772,7 +775,9 @@ impl<'a> Parser<'a> {
                 if let Some(first) = be.servers.iter().find(|s| s.name == server.name) {
                     return Err(format!(
                         "duplicate server '{}' in backend '{}' (first defined at line {})",
-                        server.name, be.name, first.line
+                        show(&server.name),
+                        show(&be.name),
+                        first.line
                     ));
                 }
                 be.servers.push(server);
@@ -1843,6 +1848,21 @@ backend app
         // The same port on different addresses is fine.
         let config = ok(&with_frontend(" bind 127.0.0.1:443\n bind [::]:443"));
         assert_eq!(config.frontends[0].binds.len(), 3);
+    }
+
+    /// Found by the config fuzz target: a name holding a vertical tab (not a word separator) was
+    /// printed raw in the duplicate message, a control character on the operator's terminal.
+    #[test]
+    fn duplicate_names_are_escaped() {
+        let text = "backend a\x0b\n server s 10.0.0.1:1\nbackend a\x0b\n server s 10.0.0.1:1\n \
+                    server s 10.0.0.1:2\n";
+        assert_error(text, 3, &["duplicate backend 'a\\u{b}'"]);
+        assert_error(text, 5, &["duplicate server 's' in backend 'a\\u{b}'"]);
+        for e in errors(text) {
+            assert!(!e.to_string().chars().any(char::is_control), "{e}");
+        }
+        let text = "frontend a\0\n bind :443\nfrontend b\n bind :443\n";
+        assert_error(text, 4, &["already used by frontend 'a\\0'"]);
     }
 
     #[test]

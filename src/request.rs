@@ -21,7 +21,7 @@ pub struct Request {
     /// empty, never holds userinfo.
     pub authority: Vec<u8>,
     /// `:path`: starts with `/`, or is `*` for OPTIONS. Holds no SP, CTL,
-    /// DEL or `#`, so it is safe to put into a request line.
+    /// DEL, non-ASCII byte or `#`, so it is safe to put into a request line.
     pub path: Vec<u8>,
     /// Regular fields in order, lowercase names. Pseudo-header fields,
     /// connection-specific fields, `te`, `host` and `content-length` are
@@ -101,6 +101,12 @@ fn check_value(value: &[u8]) -> Result<(), RequestError> {
     let ws = |b: &u8| matches!(*b, b' ' | b'\t');
     if value.first().is_some_and(ws) || value.last().is_some_and(ws) {
         return Err(Malformed("leading or trailing whitespace in field value"));
+    }
+    // Other CTLs are not malformed HTTP/3 (§4.1.2 names only CR, LF and NUL), but they are
+    // invalid field values that HTTP/1.1 parsers refuse or read differently (RFC 9110 §5.5: only
+    // kept where no downstream parser sees them, and the backend is one).
+    if value.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f) {
+        return Err(BadRequest("control character in field value"));
     }
     Ok(())
 }
@@ -282,7 +288,8 @@ pub fn from_h3<'a>(
     } else if path.first() != Some(&b'/') {
         return Err(BadRequest(":path does not start with '/'"));
     }
-    if path.iter().any(|&b| b <= b' ' || b == 0x7f || b == b'#') {
+    // A request-target is ASCII (RFC 9112 §3.2, RFC 3986 §2); clients percent-encode the rest.
+    if path.iter().any(|&b| b <= b' ' || b >= 0x7f || b == b'#') {
         return Err(BadRequest("invalid character in :path"));
     }
 
@@ -452,6 +459,29 @@ mod tests {
             ],
             true,
         ));
+    }
+
+    /// Found by the h3_request fuzz target: a value with \x05 was forwarded, and the head it
+    /// produced is one HTTP/1.1 parsers (httparse among them) refuse.
+    #[test]
+    fn value_with_other_control_characters() {
+        for v in ["a\x05b", "a\x0bb", "a\x1fb", "a\x7fb"] {
+            bad_request(parse(&with(&[("x-a", v)]), true));
+        }
+        // HTAB inside a value and obs-text are fine.
+        assert!(parse(&with(&[("x-a", "a\tb")]), true).is_ok());
+        assert!(parse(&with(&[("x-a", "caf\u{e9}")]), true).is_ok());
+    }
+
+    /// Found by the h3_request fuzz target: a raw non-ASCII byte in :path was forwarded into
+    /// the request line, which is ASCII only (httparse refuses it; other parsers guess).
+    #[test]
+    fn non_ascii_path() {
+        let mut f = BASE.to_vec();
+        f[3] = (":path", "/caf\u{e9}");
+        bad_request(parse(&f, true));
+        f[3] = (":path", "/caf%C3%A9");
+        assert!(parse(&f, true).is_ok());
     }
 
     #[test]

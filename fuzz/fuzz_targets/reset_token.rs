@@ -1,0 +1,8 @@
+#![no_main]
+//! See `checks::reset_token` for the input layout and the invariants.
+
+#[path = "../checks.rs"]
+#[allow(dead_code)]
+mod checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| checks::reset_token(data));
