@@ -805,7 +805,7 @@ impl<'a> Parser<'a> {
                     let names = self.backends.iter().map(|b| b.name.as_str());
                     let mut message = format!("unknown backend '{}'", show(name));
                     if let Some(close) = suggest(name, names) {
-                        message.push_str(&format!("; did you mean '{close}'?"));
+                        message.push_str(&format!("; did you mean '{}'?", show(close)));
                     }
                     late.push((*line, message));
                 }
@@ -1863,6 +1863,8 @@ backend app
         }
         let text = "frontend a\0\n bind :443\nfrontend b\n bind :443\n";
         assert_error(text, 4, &["already used by frontend 'a\\0'"]);
+        let text = with_frontend("").replace("\nbackend app", "\nbackend app\x08");
+        assert_error(&text, 5, &["did you mean 'app\\u{8}'?"]);
     }
 
     #[test]
