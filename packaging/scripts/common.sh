@@ -23,6 +23,18 @@ h3gate_create_user() {
     fi
 }
 
+# /var/lib/h3gate (diagnostic mode's dump directory) and /var/log/h3gate (log files), owned by
+# h3gate, for runs outside systemd too (the unit's StateDirectory=/LogsDirectory= make them
+# at start). Existing directories keep the owner and mode an administrator gave them.
+h3gate_make_dirs() {
+    for dir in /var/lib/h3gate /var/log/h3gate; do
+        [ -d "$dir" ] && continue
+        mkdir -p "$dir"
+        chown h3gate:h3gate "$dir"
+        chmod 0750 "$dir"
+    done
+}
+
 # 'h3gate check' fails unless the cert and key files exist, so on a machine
 # that has neither file and a configuration that still names them, generate a
 # self-signed placeholder pair and say so. Existing files are never touched.
@@ -61,9 +73,25 @@ h3gate_placeholder_cert() {
     fi
 }
 
+# True in a chroot (an image being built), when that can be told: the running
+# kernel is not the target's then.
+h3gate_in_chroot() {
+    if command -v systemd-detect-virt >/dev/null 2>&1; then
+        systemd-detect-virt --quiet --chroot 2>/dev/null
+        return
+    fi
+    root_id=$(stat -c %d:%i / 2>/dev/null) || return 1
+    init_root_id=$(stat -c %d:%i /proc/1/root/. 2>/dev/null) || return 1
+    [ "$root_id" != "$init_root_id" ]
+}
+
 # Raises (never lowers) the UDP buffer limits now; /usr/lib/sysctl.d/60-h3gate.conf
-# sets them at every boot. Not fatal: a container may not let us.
+# sets them at every boot. Not fatal: a container may not let us. Skipped in a
+# chroot, whose /proc is the build machine's, and with H3GATE_SKIP_SYSCTL=1
+# (image builds set it, for when a chroot cannot be detected).
 h3gate_apply_sysctl() {
+    [ "${H3GATE_SKIP_SYSCTL:-0}" = 1 ] && return 0
+    h3gate_in_chroot && return 0
     for name in rmem_max wmem_max; do
         file=/proc/sys/net/core/$name
         current=$(cat "$file" 2>/dev/null) || continue
