@@ -89,10 +89,16 @@ fn setup(name: &str) -> Env {
     std::fs::write(
         &conf,
         format!(
-            "global\n    workers 1\ndefaults\n    timeout client 30s\n    timeout drain 1s\n\
+            "global\n    workers 1\n{user}defaults\n    timeout client 30s\n    timeout drain 1s\n\
              frontend web\n    bind 127.0.0.1:{port}\n    cert {d}/cert.pem\n    key {d}/key.pem\n\
              \x20   default_backend app\nbackend app\n    server o1 {origin_addr}\n",
-            d = dir.display()
+            d = dir.display(),
+            // As root h3gate must be told to stay root (the test's files are private).
+            user = if nix::unistd::geteuid().is_root() {
+                "    user root\n"
+            } else {
+                ""
+            },
         ),
     )
     .expect("write config");
