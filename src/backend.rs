@@ -9,7 +9,7 @@ use std::io;
 use std::time::Instant;
 
 use crate::config::{Balance, Server};
-use crate::core::{BackendAction, BackendKey, Core, StreamKey, STREAM_BUFFER_HIGH};
+use crate::core::{BackendAction, BackendKey, Core, StreamKey};
 
 pub struct BackendConn {
     pub(crate) backend: usize,
@@ -20,6 +20,11 @@ pub struct BackendConn {
     sending: bool,
     /// A Recv is armed.
     reading: bool,
+    /// The armed Recv holds one budget chunk (reads for a stream do; the idle-pool probe read
+    /// does not).
+    pub(crate) read_charged: bool,
+    /// The Send in flight carries one budget chunk.
+    pub(crate) send_charged: bool,
     /// Served at least one request: a failure before any response byte may be a stale keep-alive
     /// connection the origin closed, and a body-less request is retried once.
     reused: bool,
@@ -169,6 +174,8 @@ impl Core {
             connected: false,
             sending: false,
             reading: false,
+            read_charged: false,
+            send_charged: false,
             reused: false,
         };
         let Ok(bk) = self.bconns.insert(bc) else {
@@ -283,11 +290,15 @@ impl Core {
         let Some(bc) = self.bconns.get_mut(bk) else {
             return;
         };
-        if !bc.connected || bc.sending || s.to_backend.is_empty() {
+        if !bc.connected || bc.sending {
             return;
         }
+        // One chunk per send; its budget charge travels with it until the completion.
+        let Some(data) = s.to_backend.pop_chunk() else {
+            return;
+        };
         bc.sending = true;
-        let data = std::mem::take(&mut s.to_backend);
+        bc.send_charged = true;
         self.actions
             .push_back(BackendAction::Send { key: bk, data });
     }
@@ -299,7 +310,8 @@ impl Core {
             return;
         };
         let Some(bk) = s.bconn else { return };
-        if s.response_buffered() >= STREAM_BUFFER_HIGH || s.response_complete() {
+        let chunk = self.pool.chunk_size();
+        if s.response_buffered() + chunk > s.limit || s.response_complete() {
             return;
         }
         let Some(bc) = self.bconns.get_mut(bk) else {
@@ -308,8 +320,20 @@ impl Core {
         if !bc.connected || bc.reading {
             return;
         }
+        // The read's bytes will land in memory: charge them before arming it. No budget left
+        // means no read: TCP then holds the backend back.
+        if !self.pool.reserve(1) {
+            if self.budget_blocked.last() != Some(&sk) {
+                self.budget_blocked.push(sk);
+            }
+            return;
+        }
         bc.reading = true;
-        self.actions.push_back(BackendAction::Recv { key: bk });
+        bc.read_charged = true;
+        self.actions.push_back(BackendAction::Recv {
+            key: bk,
+            max: chunk,
+        });
     }
 
     pub(crate) fn backend_sent(&mut self, now: Instant, bk: BackendKey, r: io::Result<usize>) {
@@ -318,6 +342,9 @@ impl Core {
             return;
         };
         bc.sending = false;
+        if std::mem::take(&mut bc.send_charged) {
+            self.pool.release(1);
+        }
         let Some(sk) = bc.stream else { return };
         match r {
             Ok(_) => {
@@ -337,7 +364,11 @@ impl Core {
             return;
         };
         bc.reading = false;
+        let charged = std::mem::take(&mut bc.read_charged);
         let Some(sk) = bc.stream else {
+            if charged {
+                self.pool.release(1);
+            }
             // An idle pooled connection became readable: the origin closed it (or sent junk).
             self.close_backend(bk);
             return;
@@ -345,17 +376,36 @@ impl Core {
         match r {
             Ok(data) if !data.is_empty() => {
                 let server_timeout = self.backends.get(bc.backend).map(|b| b.timeouts.server);
-                if let Some(s) = self.streams.get_mut(sk) {
-                    s.from_backend.extend_from_slice(data);
-                    s.got_response_bytes = true;
+                match self.streams.get_mut(sk) {
+                    Some(s) => {
+                        s.from_backend.extend_from_slice(data);
+                        s.got_response_bytes = true;
+                        // The read's chunk now pays for these bytes until they are parsed.
+                        if charged {
+                            s.from_chunks += 1;
+                        } else {
+                            self.pool.reserve_forced(1);
+                            s.from_chunks += 1;
+                        }
+                    }
+                    None if charged => self.pool.release(1),
+                    None => {}
                 }
                 if let Some(t) = server_timeout {
                     self.set_stream_deadline(sk, Some(now + t));
                 }
                 self.pump_response(now, sk);
             }
-            Ok(_) => self.backend_eof(now, bk, sk),
+            Ok(_) => {
+                if charged {
+                    self.pool.release(1);
+                }
+                self.backend_eof(now, bk, sk)
+            }
             Err(e) => {
+                if charged {
+                    self.pool.release(1);
+                }
                 log::debug!("backend recv failed: {e}");
                 self.backend_failed(now, bk, sk);
             }
@@ -441,7 +491,8 @@ impl Core {
         if arm {
             // Keep a read armed while idle: it completes when the origin closes the connection,
             // so stale pooled connections are noticed before a request lands on them.
-            self.actions.push_back(BackendAction::Recv { key: bk });
+            self.actions
+                .push_back(BackendAction::Recv { key: bk, max: 64 });
         }
     }
 
@@ -461,6 +512,10 @@ impl Core {
         let Some(bc) = self.bconns.remove(bk) else {
             return;
         };
+        // Charges of operations still in flight end with the connection (their buffers are the
+        // ring's until the cancelled completions arrive, and are freed then).
+        self.pool
+            .release(usize::from(bc.read_charged) + usize::from(bc.send_charged));
         if let Some(st) = self
             .servers
             .get_mut(bc.backend)

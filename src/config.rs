@@ -28,7 +28,7 @@ pub const MAX_CONCURRENT_STREAMS_LIMIT: u64 = 1 << 60;
 /// `Instant + timeout` far away from overflow.
 pub const MAX_TIMEOUT_MS: u64 = i32::MAX as u64;
 
-const SECTIONS: &[&str] = &["global", "defaults", "frontend", "backend"];
+const SECTIONS: &[&str] = &["global", "defaults", "frontend", "backend", "stats"];
 const GLOBAL_KEYWORDS: &[&str] = &[
     "workers",
     "max-memory",
@@ -39,6 +39,10 @@ const GLOBAL_KEYWORDS: &[&str] = &[
     "gso",
     "gro",
     "cluster-secret",
+    "log-file",
+    "access-log",
+    "dump-dir",
+    "bufsize",
 ];
 const DEFAULTS_KEYWORDS: &[&str] = &["timeout"];
 const FRONTEND_KEYWORDS: &[&str] = &[
@@ -51,8 +55,17 @@ const FRONTEND_KEYWORDS: &[&str] = &[
     "timeout",
     "quic-retry",
     "retry-threshold",
+    "max-stream-buffer",
+    "http-request",
 ];
-const BACKEND_KEYWORDS: &[&str] = &["balance", "server", "timeout"];
+const BACKEND_KEYWORDS: &[&str] = &[
+    "balance",
+    "server",
+    "timeout",
+    "max-stream-buffer",
+    "http-request",
+];
+const STATS_KEYWORDS: &[&str] = &["bind"];
 const TIMEOUT_KINDS: &[&str] = &["connect", "server", "client", "drain", "handshake"];
 const SERVER_OPTIONS: &[&str] = &["weight", "maxconn"];
 const BALANCE_NAMES: &[&str] = &["roundrobin", "leastconn"];
@@ -65,6 +78,28 @@ pub struct Config {
     pub global: Global,
     pub frontends: Vec<Frontend>,
     pub backends: Vec<Backend>,
+    /// The `stats` section (metrics endpoint), if any.
+    pub stats: Option<StatsSection>,
+}
+
+/// `stats`: where the metrics endpoint listens (TCP; `/metrics` and `/stats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatsSection {
+    pub bind: SocketAddr,
+    /// Line of the `stats` header.
+    pub line: usize,
+}
+
+/// Where a log stream goes (`log-file`, `access-log`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard error (journald under systemd).
+    #[default]
+    Stderr,
+    /// Appended to this file, reopened on SIGUSR1.
+    File(PathBuf),
+    /// Dropped (`access-log off`).
+    Off,
 }
 
 impl Config {
@@ -98,6 +133,28 @@ pub struct Global {
     /// Secret behind stateless-reset and Retry tokens, shared by a cluster so any node can
     /// answer for another; `None` = random per process start.
     pub cluster_secret: Option<[u8; 32]>,
+    /// `log-file`: stderr or a file.
+    pub log_file: LogTarget,
+    /// `access-log`: stderr, a file, or off.
+    pub access_log: LogTarget,
+    /// `dump-dir`: crash reports and (relative core_pattern) cores in diagnostic mode.
+    pub dump_dir: Option<PathBuf>,
+    /// Size of one buffer chunk of the memory pool.
+    pub bufsize: usize,
+}
+
+/// Default `bufsize`.
+pub const DEFAULT_BUFSIZE: usize = 16 * 1024;
+/// Default `max-stream-buffer`: bytes one stream may hold per direction.
+pub const DEFAULT_MAX_STREAM_BUFFER: usize = 256 * 1024;
+/// Default `max-memory` when the global section does not set one.
+pub const DEFAULT_MAX_MEMORY: u64 = 256 * 1024 * 1024;
+
+/// `http-request wait-for-body time T [at-least SIZE]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitForBody {
+    pub time: Duration,
+    pub at_least: Option<u64>,
 }
 
 impl Default for Global {
@@ -112,6 +169,10 @@ impl Default for Global {
             gso: true,
             gro: true,
             cluster_secret: None,
+            log_file: LogTarget::Stderr,
+            access_log: LogTarget::Stderr,
+            dump_dir: None,
+            bufsize: DEFAULT_BUFSIZE,
         }
     }
 }
@@ -169,6 +230,9 @@ pub struct Frontend {
     pub timeouts: Timeouts,
     pub retry: RetryMode,
     pub retry_threshold: usize,
+    /// `max-stream-buffer` set in this frontend (a backend's own setting wins).
+    pub max_stream_buffer: Option<usize>,
+    pub wait_for_body: Option<WaitForBody>,
 }
 
 /// Server selection algorithm of a backend.
@@ -188,6 +252,8 @@ pub struct Backend {
     pub balance: Balance,
     pub servers: Vec<Server>,
     pub timeouts: Timeouts,
+    pub max_stream_buffer: Option<usize>,
+    pub wait_for_body: Option<WaitForBody>,
 }
 
 /// One origin server of a backend.
@@ -393,6 +459,7 @@ enum Section {
     Defaults,
     Frontend(usize),
     Backend(usize),
+    Stats,
 }
 
 struct FrontendDraft {
@@ -407,6 +474,8 @@ struct FrontendDraft {
     timeouts: Timeouts,
     retry: RetryMode,
     retry_threshold: usize,
+    max_stream_buffer: Option<usize>,
+    wait_for_body: Option<WaitForBody>,
     /// Keyword (or `timeout <kind>`) -> first line, for duplicate and
     /// missing-keyword checks. Filled even when the value is invalid, so a
     /// bad value is not also reported as missing.
@@ -419,6 +488,8 @@ struct BackendDraft {
     balance: Balance,
     servers: Vec<Server>,
     timeouts: Timeouts,
+    max_stream_buffer: Option<usize>,
+    wait_for_body: Option<WaitForBody>,
     seen: HashMap<String, usize>,
 }
 
@@ -432,6 +503,10 @@ struct Parser<'a> {
     defaults_seen: HashMap<String, usize>,
     frontends: Vec<FrontendDraft>,
     backends: Vec<BackendDraft>,
+    /// Line of the first `stats` header.
+    stats_line: Option<usize>,
+    stats_bind: Option<SocketAddr>,
+    stats_seen: HashMap<String, usize>,
 }
 
 impl<'a> Parser<'a> {
@@ -446,6 +521,9 @@ impl<'a> Parser<'a> {
             defaults_seen: HashMap::new(),
             frontends: Vec::new(),
             backends: Vec::new(),
+            stats_line: None,
+            stats_bind: None,
+            stats_seen: HashMap::new(),
         }
     }
 
@@ -477,6 +555,7 @@ impl<'a> Parser<'a> {
             Section::Defaults => DEFAULTS_KEYWORDS,
             Section::Frontend(_) => FRONTEND_KEYWORDS,
             Section::Backend(_) => BACKEND_KEYWORDS,
+            Section::Stats => STATS_KEYWORDS,
         };
         if keywords.contains(&keyword) {
             if let Err(message) = self.keyword(line, keyword, args) {
@@ -528,6 +607,7 @@ impl<'a> Parser<'a> {
         match self.section {
             Section::Global => "global".to_string(),
             Section::Defaults => "defaults".to_string(),
+            Section::Stats => "stats".to_string(),
             Section::Frontend(i) => match self.frontends.get(i) {
                 Some(fe) => format!("frontend '{}'", show(&fe.name)),
                 None => "frontend".to_string(),
@@ -541,13 +621,17 @@ impl<'a> Parser<'a> {
     }
 
     fn header(&mut self, line: usize, kind: &str, args: &[&str]) {
-        if matches!(kind, "global" | "defaults") {
+        if matches!(kind, "global" | "defaults" | "stats") {
             if let Some(extra) = args.first() {
                 let message = format!("unexpected argument '{}' for '{kind}'", show(extra));
                 self.error(line, message);
             }
             self.section = if kind == "global" {
                 Section::Global
+            } else if kind == "stats" {
+                // Several `stats` headers are one section, like several `global` ones.
+                self.stats_line.get_or_insert(line);
+                Section::Stats
             } else {
                 // A new defaults section starts over from the built-in values.
                 self.defaults = Timeouts::default();
@@ -604,6 +688,8 @@ impl<'a> Parser<'a> {
                 timeouts: self.defaults,
                 retry: RetryMode::default(),
                 retry_threshold: DEFAULT_RETRY_THRESHOLD,
+                max_stream_buffer: None,
+                wait_for_body: None,
                 seen: HashMap::new(),
             });
             self.section = Section::Frontend(self.frontends.len() - 1);
@@ -614,6 +700,8 @@ impl<'a> Parser<'a> {
                 balance: Balance::RoundRobin,
                 servers: Vec::new(),
                 timeouts: self.defaults,
+                max_stream_buffer: None,
+                wait_for_body: None,
                 seen: HashMap::new(),
             });
             self.section = Section::Backend(self.backends.len() - 1);
@@ -629,6 +717,12 @@ impl<'a> Parser<'a> {
             }
             Section::Frontend(i) => self.frontend_keyword(i, line, keyword, args),
             Section::Backend(i) => self.backend_keyword(i, line, keyword, args),
+            Section::Stats => {
+                // `bind` is the only stats keyword.
+                once(&mut self.stats_seen, keyword, line)?;
+                self.stats_bind = Some(parse_bind(one_arg(keyword, args, "bind <address>")?)?);
+                Ok(())
+            }
             Section::None | Section::Skip => Ok(()),
         }
     }
@@ -655,9 +749,36 @@ impl<'a> Parser<'a> {
             "steering" => g.steering = on_off(keyword, args)?,
             "gso" => g.gso = on_off(keyword, args)?,
             "gro" => g.gro = on_off(keyword, args)?,
+            "bufsize" => {
+                let value = one_arg(keyword, args, "bufsize <size>")?;
+                let bytes = parse_size(value).map_err(|e| format!("invalid 'bufsize': {e}"))?;
+                if !(1024..=1024 * 1024).contains(&bytes) {
+                    return Err("'bufsize' must be between 1k and 1m".to_string());
+                }
+                g.bufsize = bytes as usize;
+            }
             "cluster-secret" => {
                 let value = one_arg(keyword, args, "cluster-secret <64 hex digits>")?;
                 g.cluster_secret = Some(parse_secret(value)?);
+            }
+            "log-file" => {
+                let value = one_arg(keyword, args, "log-file <path>|stderr")?;
+                g.log_file = match value {
+                    "stderr" => LogTarget::Stderr,
+                    path => LogTarget::File(PathBuf::from(path)),
+                };
+            }
+            "access-log" => {
+                let value = one_arg(keyword, args, "access-log <path>|stderr|off")?;
+                g.access_log = match value {
+                    "stderr" => LogTarget::Stderr,
+                    "off" => LogTarget::Off,
+                    path => LogTarget::File(PathBuf::from(path)),
+                };
+            }
+            "dump-dir" => {
+                let value = one_arg(keyword, args, "dump-dir <directory>")?;
+                g.dump_dir = Some(PathBuf::from(value));
             }
             _ => {}
         }
@@ -719,6 +840,8 @@ impl<'a> Parser<'a> {
                 let value = one_arg(keyword, args, "max-connections <count>")?;
                 fe.max_connections = parse_usize(keyword, value, 1)?;
             }
+            "max-stream-buffer" => fe.max_stream_buffer = Some(parse_stream_buffer(args)?),
+            "http-request" => fe.wait_for_body = Some(parse_http_request(args)?),
             "quic-retry" => {
                 fe.retry = match one_arg(keyword, args, "quic-retry always|auto|off")? {
                     "always" => RetryMode::Always,
@@ -759,6 +882,16 @@ impl<'a> Parser<'a> {
         };
         match keyword {
             "timeout" => set_timeout(&mut be.seen, &mut be.timeouts, line, args),
+            "max-stream-buffer" => {
+                once(&mut be.seen, keyword, line)?;
+                be.max_stream_buffer = Some(parse_stream_buffer(args)?);
+                Ok(())
+            }
+            "http-request" => {
+                once(&mut be.seen, keyword, line)?;
+                be.wait_for_body = Some(parse_http_request(args)?);
+                Ok(())
+            }
             "balance" => {
                 once(&mut be.seen, keyword, line)?;
                 be.balance = match one_arg(keyword, args, "balance roundrobin|leastconn")? {
@@ -811,6 +944,11 @@ impl<'a> Parser<'a> {
                 }
             }
         }
+        if let Some(line) = self.stats_line {
+            if !self.stats_seen.contains_key("bind") {
+                late.push((line, "stats section has no 'bind'".to_string()));
+            }
+        }
         for be in &self.backends {
             if !be.seen.contains_key("server") {
                 late.push((
@@ -850,6 +988,8 @@ impl<'a> Parser<'a> {
                     max_concurrent_streams: fe.max_concurrent_streams,
                     retry: fe.retry,
                     retry_threshold: fe.retry_threshold,
+                    max_stream_buffer: fe.max_stream_buffer,
+                    wait_for_body: fe.wait_for_body,
                     timeouts: fe.timeouts,
                 }
             })
@@ -863,12 +1003,19 @@ impl<'a> Parser<'a> {
                 balance: be.balance,
                 servers: be.servers,
                 timeouts: be.timeouts,
+                max_stream_buffer: be.max_stream_buffer,
+                wait_for_body: be.wait_for_body,
             })
             .collect();
+        let stats = match (self.stats_bind, self.stats_line) {
+            (Some(bind), Some(line)) => Some(StatsSection { bind, line }),
+            _ => None,
+        };
         let config = Config {
             global: self.global,
             frontends,
             backends,
+            stats,
         };
         Ok((config, io_lines))
     }
@@ -886,6 +1033,42 @@ fn once(seen: &mut HashMap<String, usize>, keyword: &str, line: usize) -> Result
 }
 
 /// Handles `timeout <kind> <duration>`.
+fn parse_stream_buffer(args: &[&str]) -> Result<usize, String> {
+    let value = one_arg("max-stream-buffer", args, "max-stream-buffer <size>")?;
+    let bytes = parse_size(value).map_err(|e| format!("invalid 'max-stream-buffer': {e}"))?;
+    if !(16 * 1024..=1024 * 1024 * 1024).contains(&bytes) {
+        return Err("'max-stream-buffer' must be between 16k and 1g".to_string());
+    }
+    Ok(bytes as usize)
+}
+
+/// `http-request wait-for-body time <duration> [at-least <size>]` (the only action today).
+fn parse_http_request(args: &[&str]) -> Result<WaitForBody, String> {
+    const USAGE: &str = "http-request wait-for-body time <duration> [at-least <size>]";
+    match args {
+        ["wait-for-body", "time", t, rest @ ..] => {
+            let time =
+                parse_duration(t).map_err(|e| format!("invalid 'wait-for-body' time: {e}"))?;
+            let at_least = match rest {
+                [] => None,
+                ["at-least", size] => {
+                    Some(parse_size(size).map_err(|e| format!("invalid 'at-least' size: {e}"))?)
+                }
+                _ => {
+                    return Err(format!(
+                        "unexpected arguments for 'http-request' (usage: {USAGE})"
+                    ))
+                }
+            };
+            Ok(WaitForBody { time, at_least })
+        }
+        [action, ..] if *action != "wait-for-body" => {
+            Err(unknown("http-request action", action, &["wait-for-body"]))
+        }
+        _ => Err(format!("invalid 'http-request' (usage: {USAGE})")),
+    }
+}
+
 /// `KEYWORD on|off`.
 fn on_off(keyword: &str, args: &[&str]) -> Result<bool, String> {
     match one_arg(keyword, args, &format!("{keyword} on|off"))? {
@@ -1150,7 +1333,9 @@ fn unknown(what: &str, value: &str, valid: &[&str]) -> String {
 
 /// Section(s) where a keyword is valid, for "wrong section" hints.
 fn home_of(keyword: &str) -> Option<&'static str> {
-    if GLOBAL_KEYWORDS.contains(&keyword) {
+    if keyword == "bind" {
+        Some("a frontend or stats")
+    } else if GLOBAL_KEYWORDS.contains(&keyword) {
         Some("global")
     } else if keyword == "timeout" {
         Some("defaults, frontend or backend")
@@ -1355,6 +1540,8 @@ backend app
                 },
                 retry: RetryMode::Auto,
                 retry_threshold: DEFAULT_RETRY_THRESHOLD,
+                max_stream_buffer: None,
+                wait_for_body: None,
             }],
             backends: vec![Backend {
                 name: "app".into(),
@@ -1394,12 +1581,98 @@ backend app
                     connect: Duration::from_millis(500),
                     ..defaults
                 },
+                max_stream_buffer: None,
+                wait_for_body: None,
             }],
+            stats: None,
         };
         assert_eq!(config, expected);
         assert_eq!(config.backend("app"), config.backends.first());
         assert!(config.backend("nope").is_none());
         assert_eq!(config.frontend("web"), config.frontends.first());
+    }
+
+    #[test]
+    fn operations_keywords() {
+        let c = ok(&format!(
+            "global\n log-file /var/log/h3gate/h3gate.log\n access-log off\n \
+             dump-dir /var/lib/h3gate\nstats\n bind 127.0.0.1:9100\n{}",
+            with_frontend("")
+        ));
+        assert_eq!(
+            c.global.log_file,
+            LogTarget::File("/var/log/h3gate/h3gate.log".into())
+        );
+        assert_eq!(c.global.access_log, LogTarget::Off);
+        assert_eq!(c.global.dump_dir, Some("/var/lib/h3gate".into()));
+        assert_eq!(
+            c.stats,
+            Some(StatsSection {
+                bind: "127.0.0.1:9100".parse().unwrap(),
+                line: 5
+            })
+        );
+        let c = ok(&with_global(" access-log /tmp/a.log\n log-file stderr"));
+        assert_eq!(c.global.access_log, LogTarget::File("/tmp/a.log".into()));
+        assert_eq!(c.global.log_file, LogTarget::Stderr);
+        assert_eq!(c.stats, None);
+        assert_eq!(ok(&with_frontend("")).global.access_log, LogTarget::Stderr);
+    }
+
+    #[test]
+    fn stats_section_errors() {
+        let base = with_frontend("");
+        assert_error(
+            &format!("stats\n{base}"),
+            1,
+            &["stats section has no 'bind'"],
+        );
+        assert_error(
+            &format!("stats\n bind 127.0.0.1:9100\n bind :9101\n{base}"),
+            3,
+            &["'bind' already set at line 2"],
+        );
+        assert_error(
+            &format!("stats\n bnd :9100\n{base}"),
+            2,
+            &["in stats; did you mean 'bind'?"],
+        );
+        assert_error(
+            &format!("stats\n cert x\n{base}"),
+            2,
+            &["'cert' belongs in a frontend"],
+        );
+        assert_error(
+            &format!("stats 1\n bind :9100\n{base}"),
+            1,
+            &["unexpected argument '1'"],
+        );
+        assert_error(&format!("stats\n bind :0\n{base}"), 2, &["port 0"]);
+        assert_error(
+            &format!("stat\n bind :9100\n{base}"),
+            1,
+            &["did you mean 'stats'?"],
+        );
+        assert_error(
+            &with_global(" bind :9100"),
+            2,
+            &["'bind' belongs in a frontend or stats"],
+        );
+        assert_error(
+            &with_global(" acess-log /x"),
+            2,
+            &["did you mean 'access-log'?"],
+        );
+        assert_error(
+            &with_global(" dump-dir"),
+            2,
+            &["missing argument for 'dump-dir'"],
+        );
+        assert_error(
+            &with_global(" log-file a b"),
+            2,
+            &["unexpected argument 'b'"],
+        );
     }
 
     #[test]
@@ -2152,5 +2425,29 @@ backend app
         let bad = text.replace("cluster-secret 00", "cluster-secret zz");
         let errs = parse("t.conf", &bad).unwrap_err();
         assert!(errs[0].message.contains("hexadecimal"), "{errs:?}");
+    }
+
+    #[test]
+    fn memory_keywords() {
+        let text = "global\n    bufsize 32k\nfrontend web\n    bind :8443\n    cert c.pem\n    key k.pem\n    default_backend app\n    max-stream-buffer 512k\n    http-request wait-for-body time 5s at-least 1m\nbackend app\n    http-request wait-for-body time 2s\n    server s1 127.0.0.1:8080\n";
+        let c = parse("t.conf", text).unwrap();
+        assert_eq!(c.global.bufsize, 32 * 1024);
+        let fe = &c.frontends[0];
+        assert_eq!(fe.max_stream_buffer, Some(512 * 1024));
+        assert_eq!(
+            fe.wait_for_body,
+            Some(WaitForBody {
+                time: Duration::from_secs(5),
+                at_least: Some(1024 * 1024)
+            })
+        );
+        assert_eq!(c.backends[0].wait_for_body.map(|w| w.at_least), Some(None));
+        let bad = text.replace("wait-for-body time 5s", "wait-for-bdy time 5s");
+        let errs = parse("t.conf", &bad).unwrap_err();
+        assert!(
+            errs[0].message.contains("did you mean 'wait-for-body'"),
+            "{errs:?}"
+        );
+        assert_eq!(errs[0].line, 9);
     }
 }

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::backend::{BackendConn, ServerState};
+use crate::budget::{Pool, PoolStats};
 use crate::cid::Secret;
 use crate::config::{Backend, Config, Frontend};
 use crate::frontend::Conn;
@@ -64,6 +65,8 @@ pub enum BackendAction {
     /// Arm one read. The core arms reads only when it has room: that is the backpressure.
     Recv {
         key: BackendKey,
+        /// Read at most this many bytes (the chunk the core reserved for it).
+        max: usize,
     },
     /// Cancel what is in flight, then close the socket. The key is dead for the core already.
     Close {
@@ -118,6 +121,13 @@ pub struct Stats {
     pub gso_disabled: u64,
     pub retries_sent: u64,
     pub retry_token_invalid: u64,
+    /// New connections refused because the budget was above its high-water mark.
+    pub refused_conns: u64,
+    /// Requests that had to wait in the admission queue for budget.
+    pub budget_queued: u64,
+    /// Requests answered 503 for lack of budget.
+    pub budget_refusals: u64,
+    pub budget: PoolStats,
 }
 
 /// Listener (bound socket) as the core sees it: which frontend and which local address.
@@ -129,6 +139,8 @@ pub struct Listener {
 
 pub struct Core {
     pub(crate) worker: u8,
+    /// `max-memory` for the whole process (split across workers).
+    max_memory: u64,
     /// Size of the worker group (CID owner bytes below it belong to a sibling).
     pub(crate) workers: u8,
     /// Most datagrams per GSO batch; 1 = no GSO.
@@ -167,6 +179,17 @@ pub struct Core {
     /// Stateless answers (version negotiation, resets) waiting for `poll_transmit`.
     pub(crate) stateless: VecDeque<(Transmit, Vec<u8>)>,
     pub(crate) actions: VecDeque<BackendAction>,
+    /// The worker's memory budget (`max-memory / workers`, in `bufsize` chunks).
+    pub(crate) pool: Pool,
+    /// Streams waiting for budget, oldest first, with the chunks each needs.
+    pub(crate) admission: VecDeque<(StreamKey, usize)>,
+    /// Streams that stopped reading one side because the pool was empty; re-pumped when chunks
+    /// come back.
+    pub(crate) budget_blocked: Vec<StreamKey>,
+    /// New connections are being refused for budget (logged once per change).
+    pub(crate) refusing: bool,
+    /// The budget was more than half used since the last trim hint.
+    budget_was_high: bool,
     pub(crate) scratch: Vec<u8>,
 
     pub(crate) drain_deadline: Option<Instant>,
@@ -175,9 +198,8 @@ pub struct Core {
     pub stats: Stats,
 }
 
-/// Bytes a stream may hold in each direction before the core stops reading the side that fills
-/// it (client body toward a slow backend; backend body toward a slow client).
-pub(crate) const STREAM_BUFFER_HIGH: usize = 256 * 1024;
+/// Streams that may wait for budget per worker; beyond it they are answered 503 at once.
+pub(crate) const ADMISSION_QUEUE: usize = 1024;
 
 impl Core {
     pub fn new(
@@ -222,8 +244,13 @@ impl Core {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        Ok(Core {
+        let max_memory = config
+            .global
+            .max_memory
+            .unwrap_or(crate::config::DEFAULT_MAX_MEMORY);
+        let mut core = Core {
             worker,
+            max_memory,
             workers: 1,
             gso_segments: 1,
             handoffs: VecDeque::new(),
@@ -248,17 +275,54 @@ impl Core {
             sendable: VecDeque::new(),
             stateless: VecDeque::new(),
             actions: VecDeque::new(),
+            pool: Pool::new(
+                config
+                    .global
+                    .max_memory
+                    .unwrap_or(crate::config::DEFAULT_MAX_MEMORY),
+                config.global.bufsize,
+            ),
+            admission: VecDeque::new(),
+            refusing: false,
+            budget_blocked: Vec::new(),
+            budget_was_high: false,
             scratch: vec![0u8; 64 * 1024],
             drain_deadline: None,
             hard_stop: false,
             reset_budget: (now, 0),
             stats: Stats::default(),
-        })
+        };
+        core.apply_windows();
+        Ok(core)
     }
 
     /// The worker group has `n` workers (datagrams for CIDs of the others are handed off).
     pub fn set_workers(&mut self, n: u8) {
         self.workers = n.max(1);
+        // The budget is per process: each worker gets its share (before any traffic).
+        debug_assert_eq!(self.pool.chunks_in_use(), 0);
+        let total = self.max_memory;
+        self.pool = Pool::new(total / u64::from(self.workers), self.pool.chunk_size());
+        self.apply_windows();
+    }
+
+    /// QUIC flow-control windows from the budget, so quiche's own receive buffering is bounded
+    /// too (README: "Memory"): per stream `W_s = clamp(budget / 256, 16 KiB, max-stream-buffer)`,
+    /// per connection `W_c = clamp(budget / 32, W_s, 8 * W_s)`; auto-tuning is capped at the same
+    /// values. quiche then holds at most W_s per stream a client is uploading on.
+    pub(crate) fn apply_windows(&mut self) {
+        let budget = self.pool.capacity_bytes() as u64;
+        for (cfg, fe) in self.quic.iter_mut().zip(&self.frontends) {
+            let limit = fe
+                .max_stream_buffer
+                .unwrap_or(crate::config::DEFAULT_MAX_STREAM_BUFFER) as u64;
+            let ws = (budget / 256).clamp(16 * 1024, limit.max(16 * 1024));
+            let wc = (budget / 32).clamp(ws, 8 * ws);
+            cfg.set_initial_max_stream_data_bidi_remote(ws);
+            cfg.set_max_stream_window(ws);
+            cfg.set_initial_max_data(wc);
+            cfg.set_max_connection_window(wc);
+        }
     }
 
     /// Largest GSO batch the socket accepts (1 turns GSO off).
@@ -267,6 +331,46 @@ impl Core {
             self.stats.gso_disabled += 1;
         }
         self.gso_segments = n.clamp(1, 64);
+    }
+
+    /// Streams blocked on an empty pool get another try once chunks are free again.
+    fn wake_budget_blocked(&mut self, now: Instant) {
+        if self.budget_blocked.is_empty() || self.pool.available() == 0 {
+            return;
+        }
+        let blocked = std::mem::take(&mut self.budget_blocked);
+        let mut seen = std::collections::HashSet::new();
+        for sk in blocked {
+            if !seen.insert(sk) {
+                continue; // oldest entry wins: FIFO order
+            }
+            if self.pool.available() == 0 {
+                // Not enough for everyone: the rest keep waiting, in order.
+                self.budget_blocked.push(sk);
+                continue;
+            }
+            self.pump_request(now, sk);
+            self.backend_read(sk);
+            if let Some(ck) = self.streams.get(sk).map(|s| s.conn) {
+                self.mark_dirty(ck);
+            }
+        }
+    }
+
+    /// True once after a load peak has passed (budget back under 1/8 after exceeding 1/2): the
+    /// worker then asks the allocator to return freed memory to the kernel (`malloc_trim`), so
+    /// RSS follows the budget down instead of staying at the peak.
+    pub fn take_trim_hint(&mut self) -> bool {
+        let used = self.pool.used_bytes();
+        let cap = self.pool.capacity_bytes();
+        if used * 2 > cap {
+            self.budget_was_high = true;
+        }
+        if self.budget_was_high && used * 8 < cap {
+            self.budget_was_high = false;
+            return true;
+        }
+        false
     }
 
     pub fn poll_handoff(&mut self) -> Option<Handoff> {
@@ -360,6 +464,8 @@ impl Core {
         // A connection stays marked dirty while it is serviced, so its own stream work does not
         // queue it again. Servicing one connection does not dirty another today; the bound is a
         // guard against a livelock if that ever changes.
+        self.admit_queued(now);
+        self.wake_budget_blocked(now);
         for _ in 0..8 {
             if self.dirty.is_empty() {
                 break;
@@ -444,6 +550,13 @@ impl Core {
         let _ = now;
     }
 
+    /// Counters with the budget figures filled in.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.budget = self.pool.stats();
+        s
+    }
+
     pub fn live(&self) -> (usize, usize, usize) {
         (self.conns.len(), self.streams.len(), self.bconns.len())
     }
@@ -480,5 +593,26 @@ impl Core {
                 assert_eq!(self.streams.get(sk).map(|s| s.conn), Some(ck));
             }
         }
+        // Budget: every charged chunk has an owner.
+        let streams: usize = self
+            .streams
+            .iter()
+            .map(|(_, s)| {
+                s.to_backend.chunks()
+                    + s.body_out_chunks()
+                    + s.from_chunks
+                    + s.wait.map_or(0, |w| w.reserved)
+            })
+            .sum();
+        let bconns: usize = self
+            .bconns
+            .iter()
+            .map(|(_, b)| usize::from(b.read_charged) + usize::from(b.send_charged))
+            .sum();
+        assert_eq!(
+            self.pool.chunks_in_use(),
+            streams + bconns,
+            "budget accounting out of sync"
+        );
     }
 }

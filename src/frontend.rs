@@ -45,6 +45,8 @@ pub struct Conn {
     /// draining connection closes only when quiche has collected them all (closing earlier
     /// would discard response bytes still in flight).
     pub(crate) flushing: Vec<u64>,
+    /// When request body last arrived on any stream (wait-for-body's stall test).
+    pub(crate) last_body_at: Option<Instant>,
     /// Handshake completed (counted out of `half_open`).
     pub(crate) established: bool,
 }
@@ -166,6 +168,26 @@ impl Core {
         let Some(fe_idx) = self.listeners.get(listener).map(|l| l.frontend) else {
             return;
         };
+        // Admission control (issue #5): above the budget's high-water mark a new connection
+        // would only compete for memory the live ones need. Refuse it (the client's Initial
+        // retransmission backs off and retries) and say so once per state change.
+        if self.pool.above_high_water() {
+            self.stats.refused_conns += 1;
+            if !std::mem::replace(&mut self.refusing, true) {
+                log::warn!(
+                    "worker {}: memory budget above {}%: refusing new connections",
+                    self.worker,
+                    crate::budget::HIGH_WATER_PCT
+                );
+            }
+            return;
+        }
+        if std::mem::take(&mut self.refusing) {
+            log::info!(
+                "worker {}: memory budget below high water: accepting again",
+                self.worker
+            );
+        }
         let Some(fe) = self.frontends.get(fe_idx) else {
             return;
         };
@@ -331,6 +353,7 @@ impl Core {
             next_stream_id: 0,
             goaway: None,
             flushing: Vec::new(),
+            last_body_at: None,
             established: false,
         };
         let key = self.conns.insert(conn).ok()?;

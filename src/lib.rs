@@ -4,13 +4,18 @@
 //! simulation can drive the sans-IO pieces directly. See docs/ARCHITECTURE.md.
 
 pub mod backend;
+pub mod budget;
 pub mod cid;
 pub mod cmsg;
 pub mod config;
 pub mod core;
+pub mod diag;
 pub mod frontend;
 pub mod http1;
 pub mod logger;
+pub mod metrics;
+pub mod notify;
+pub mod privdrop;
 pub mod request;
 pub mod ring;
 pub mod stream;

@@ -322,8 +322,8 @@ impl Ring {
                     self.early.push_back((key, e));
                 }
             }
-            BackendAction::Recv { key } => {
-                if let Err(e) = self.tcp_recv(key) {
+            BackendAction::Recv { key, max } => {
+                if let Err(e) = self.tcp_recv(key, max) {
                     self.early.push_back((key, e));
                 }
             }
@@ -410,12 +410,15 @@ impl Ring {
         self.push_tcp(owner, key, sqe)
     }
 
-    fn tcp_recv(&mut self, owner: BackendKey) -> io::Result<()> {
+    fn tcp_recv(&mut self, owner: BackendKey, max: usize) -> io::Result<()> {
         let fd = self.tcp_fd(owner)?;
-        let mut buf = self
-            .tcp_recv_bufs
-            .pop()
-            .unwrap_or_else(|| vec![0u8; TCP_RECV_BUF]);
+        // Reuse a pooled buffer of the right size (the core reads one budget chunk at a time;
+        // idle-connection probes read a few bytes).
+        let max = max.clamp(1, TCP_RECV_BUF);
+        let mut buf = match self.tcp_recv_bufs.iter().position(|b| b.len() == max) {
+            Some(i) => self.tcp_recv_bufs.swap_remove(i),
+            None => vec![0u8; max],
+        };
         let (ptr, len) = (buf.as_mut_ptr(), buf.len() as u32);
         let key = self
             .ops
@@ -633,7 +636,10 @@ impl Ring {
                         h.backend(owner, BackendEvent::Received(Ok(&buf[..n])));
                     }
                 }
-                self.tcp_recv_bufs.push(buf);
+                // Keep a bounded number of read buffers for reuse.
+                if self.tcp_recv_bufs.len() < 64 {
+                    self.tcp_recv_bufs.push(buf);
+                }
             }
         }
     }

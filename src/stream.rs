@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use quiche::h3::{Header, NameValue};
 
-use crate::core::{BackendKey, ConnKey, Core, StreamKey, Timer, STREAM_BUFFER_HIGH};
+use crate::budget::ChunkQueue;
+use crate::core::{BackendKey, ConnKey, Core, StreamKey, Timer, ADMISSION_QUEUE};
 use crate::frontend::{H3_INTERNAL_ERROR, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_REJECTED};
 use crate::http1::{self, BodyKind, Parsed, ResponseParser};
 use crate::request::{self, RequestError};
@@ -32,7 +33,16 @@ pub struct Stream {
     /// The encoded head, kept while a body-less request may still be retried on a new
     /// connection (a pooled connection the origin closed under us).
     retry_head: Option<Vec<u8>>,
-    pub(crate) to_backend: Vec<u8>,
+    /// Encoded request (head, framed body) waiting for the backend connection.
+    pub(crate) to_backend: ChunkQueue,
+    /// Bytes this stream may hold in each direction (`max-stream-buffer`).
+    pub(crate) limit: usize,
+    /// `wait-for-body` in progress: the request is held until enough body arrived.
+    pub(crate) wait: Option<WaitBody>,
+    /// Waiting in the admission queue for memory budget.
+    pub(crate) queued: bool,
+    /// When request body last arrived (a client still sending is not stalled).
+    pub(crate) last_body_at: Option<Instant>,
     /// quiche has request body we have not read yet (its Data event fires only once until drained).
     body_readable: bool,
     req_body_bytes: u64,
@@ -42,14 +52,35 @@ pub struct Stream {
 
     // Response direction.
     parser: ResponseParser,
+    /// Raw backend bytes not parsed yet (a partial head or chunk line), and the pool chunks
+    /// charged for them.
     pub(crate) from_backend: Vec<u8>,
+    pub(crate) from_chunks: usize,
     head: Option<(Vec<Header>, bool)>,
     head_sent: bool,
-    body_out: Vec<u8>,
+    body_out: ChunkQueue,
     resp_end: bool,
     fin_sent: bool,
     pub(crate) got_response_bytes: bool,
     pub(crate) backend_keepalive: bool,
+}
+
+/// A client that sent no body for this long when wait-for-body's time is up has stalled (408).
+const STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// State of `http-request wait-for-body` for one stream.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitBody {
+    /// Body bytes to hold before forwarding (or the whole body, if shorter).
+    pub target: u64,
+    /// Pool chunks reserved for the body still to come (taken in FIFO order at admission, so
+    /// waiting streams never starve each other by each holding a part).
+    pub reserved: usize,
+    /// The pool ran dry while the client was still sending: answer 503, not 408.
+    pub starved: bool,
+    /// `wait-for-body time`: counted from admission, so time spent queued for budget (our
+    /// doing, answered 503 if it runs out) never turns into a 408 for the client.
+    pub time: std::time::Duration,
 }
 
 /// What the access log line needs.
@@ -73,6 +104,9 @@ impl Stream {
     /// Buffered response bytes the client has not taken yet.
     pub(crate) fn response_buffered(&self) -> usize {
         self.from_backend.len() + self.body_out.len()
+    }
+    pub(crate) fn body_out_chunks(&self) -> usize {
+        self.body_out.chunks()
     }
     pub(crate) fn response_complete(&self) -> bool {
         self.parser.is_done()
@@ -117,7 +151,8 @@ impl Core {
         c.next_stream_id = c.next_stream_id.max(sid + 4);
         let above_goaway = c.goaway.is_some_and(|g| sid >= g);
         let peer = c.peer;
-        let backend = self.frontend_backend.get(c.frontend).copied().unwrap_or(0);
+        let frontend = c.frontend;
+        let backend = self.frontend_backend.get(frontend).copied().unwrap_or(0);
 
         let stream = Stream {
             conn: ck,
@@ -133,16 +168,21 @@ impl Core {
             },
             framing: BodyKind::None,
             retry_head: None,
-            to_backend: Vec::new(),
+            to_backend: ChunkQueue::default(),
+            limit: self.stream_limit(backend, frontend),
+            wait: None,
+            queued: false,
+            last_body_at: None,
             body_readable: false,
             req_body_bytes: 0,
             content_length: None,
             req_fin: !more_frames,
             parser: ResponseParser::new(false),
             from_backend: Vec::new(),
+            from_chunks: 0,
             head: None,
             head_sent: false,
-            body_out: Vec::new(),
+            body_out: ChunkQueue::default(),
             resp_end: false,
             fin_sent: false,
             got_response_bytes: false,
@@ -208,13 +248,144 @@ impl Core {
             s.retry_head = Some(head.clone());
         }
         s.framing = framing;
-        s.to_backend = head;
         log::debug!(
             "stream {sid}: {} {} {}",
             s.log.method,
             s.log.authority,
             s.log.path
         );
+        // The head is small and already in memory: it is charged even past the budget.
+        s.to_backend.push_forced(&mut self.pool, &head);
+        let wait = if more_frames {
+            self.wait_for_body(backend, frontend)
+        } else {
+            None
+        };
+        let need = wait
+            .map(|w| self.wait_chunks(w, req.content_length))
+            .unwrap_or(0);
+        if let Some(w) = wait {
+            if let Some(s) = self.streams.get_mut(sk) {
+                s.wait = Some(WaitBody {
+                    target: w.at_least.unwrap_or(s.limit as u64),
+                    time: w.time,
+                    reserved: 0,
+                    starved: false,
+                });
+            }
+        }
+        // Admission (issue #5): above the high-water mark, or when a wait-for-body reservation
+        // does not fit, the stream waits its turn in a bounded FIFO instead of taking memory.
+        if self.admission.is_empty() && !self.pool.above_high_water() && self.pool.reserve(need) {
+            self.admit(now, sk, need);
+            return;
+        }
+        self.enqueue(now, sk, need);
+    }
+
+    /// Effective `max-stream-buffer` for a stream of this backend and frontend.
+    fn stream_limit(&self, backend: usize, frontend: usize) -> usize {
+        self.backends
+            .get(backend)
+            .and_then(|b| b.max_stream_buffer)
+            .or_else(|| {
+                self.frontends
+                    .get(frontend)
+                    .and_then(|f| f.max_stream_buffer)
+            })
+            .unwrap_or(crate::config::DEFAULT_MAX_STREAM_BUFFER)
+    }
+
+    fn wait_for_body(&self, backend: usize, frontend: usize) -> Option<crate::config::WaitForBody> {
+        self.backends
+            .get(backend)
+            .and_then(|b| b.wait_for_body)
+            .or_else(|| self.frontends.get(frontend).and_then(|f| f.wait_for_body))
+    }
+
+    /// Chunks a wait-for-body stream reserves: its target (or its whole declared body, if
+    /// smaller) plus chunked-framing overhead.
+    fn wait_chunks(&self, w: crate::config::WaitForBody, content_length: Option<u64>) -> usize {
+        let chunk = self.pool.chunk_size() as u64;
+        let mut target = w
+            .at_least
+            .unwrap_or(crate::config::DEFAULT_MAX_STREAM_BUFFER as u64);
+        if let Some(cl) = content_length {
+            target = target.min(cl);
+        }
+        (target.div_ceil(chunk) + 1) as usize
+    }
+
+    /// The stream got its memory: start reading its body (wait-for-body) or forward it now.
+    fn admit(&mut self, now: Instant, sk: StreamKey, reserved: usize) {
+        let Some(s) = self.streams.get_mut(sk) else {
+            self.pool.release(reserved);
+            return;
+        };
+        s.queued = false;
+        match s.wait.as_mut() {
+            Some(w) => {
+                w.reserved = reserved;
+                let at = now + w.time;
+                self.set_stream_deadline(sk, Some(at));
+                self.pump_request(now, sk);
+                self.maybe_release_wait(now, sk);
+            }
+            None => {
+                self.pool.release(reserved);
+                self.assign_backend(now, sk);
+            }
+        }
+    }
+
+    fn enqueue(&mut self, now: Instant, sk: StreamKey, need: usize) {
+        if self.admission.len() >= ADMISSION_QUEUE {
+            self.stats.budget_refusals += 1;
+            log::warn!("memory budget exhausted and admission queue full: answering 503");
+            self.respond_error(now, sk, 503, "memory budget exhausted");
+            return;
+        }
+        if let Some(s) = self.streams.get_mut(sk) {
+            s.queued = true;
+            // Queue timeout: the backend's `timeout connect` (waiting for memory is waiting to
+            // reach the server).
+            let t = self.backends.get(s.backend).map(|b| b.timeouts.connect);
+            if let Some(t) = t {
+                self.set_stream_deadline(sk, Some(now + t));
+            }
+        }
+        self.stats.budget_queued += 1;
+        self.admission.push_back((sk, need));
+    }
+
+    /// Admits queued streams, oldest first, while the budget allows (called every flush).
+    pub(crate) fn admit_queued(&mut self, now: Instant) {
+        while let Some(&(sk, need)) = self.admission.front() {
+            if !self.streams.get(sk).is_some_and(|s| s.queued) {
+                self.admission.pop_front();
+                continue;
+            }
+            if self.pool.above_high_water() || !self.pool.reserve(need) {
+                break;
+            }
+            self.admission.pop_front();
+            self.admit(now, sk, need);
+        }
+    }
+
+    /// Ends the wait once the target or the end of the body is there: the reservation goes back
+    /// and the request is forwarded.
+    fn maybe_release_wait(&mut self, now: Instant, sk: StreamKey) {
+        let Some(s) = self.streams.get_mut(sk) else {
+            return;
+        };
+        let Some(w) = s.wait else { return };
+        if s.queued || (s.req_body_bytes < w.target && !s.req_fin) {
+            return;
+        }
+        s.wait = None;
+        s.deadline = None;
+        self.pool.release(w.reserved);
         self.assign_backend(now, sk);
     }
 
@@ -258,9 +429,12 @@ impl Core {
             }
         }
         if matches!(s.framing, BodyKind::Chunked) {
-            http1::encode_last_chunk(&mut s.to_backend);
+            let mut last = Vec::with_capacity(5);
+            http1::encode_last_chunk(&mut last);
+            s.to_backend.push_forced(&mut self.pool, &last);
         }
         self.pump_request(now, sk);
+        self.maybe_release_wait(now, sk);
         self.try_finish(sk);
     }
 
@@ -289,31 +463,80 @@ impl Core {
         }
     }
 
-    /// Reads request body from quiche while there is room, and hands it to the backend when the
-    /// backend connection is ready and idle.
-    pub(crate) fn pump_request(&mut self, _now: Instant, sk: StreamKey) {
+    /// Reads request body from quiche while the stream has room (its `max-stream-buffer`, its
+    /// wait-for-body reservation, the worker's budget), and hands it to the backend connection
+    /// when that is ready. Not reading is the backpressure: quiche stops crediting the client.
+    pub(crate) fn pump_request(&mut self, now: Instant, sk: StreamKey) {
         let mut error = None;
         {
             let Core {
                 conns,
                 streams,
                 scratch,
+                pool,
+                budget_blocked,
                 ..
             } = self;
             let Some(s) = streams.get_mut(sk) else { return };
+            if s.queued {
+                return;
+            }
             let Some(c) = conns.get_mut(s.conn) else {
                 return;
             };
             let Some(h3) = c.h3.as_mut() else { return };
-            while s.body_readable && s.to_backend.len() < STREAM_BUFFER_HIGH && !s.resp_end {
-                match h3.recv_body(&mut c.q, s.id, scratch) {
+            // A waiting stream spends its own reservation: hand it to the pool for this pass
+            // and take back what is still needed afterwards (one thread: nobody else runs).
+            if let Some(w) = s.wait.as_mut() {
+                pool.release(std::mem::take(&mut w.reserved));
+            }
+            let cap = match s.wait {
+                Some(w) => (w.target as usize).max(s.limit) + pool.chunk_size(),
+                None => s.limit,
+            };
+            // Chunked framing adds at most a size line and a CRLF per read.
+            const FRAMING: usize = 32;
+            while s.body_readable && !s.resp_end {
+                let room = cap
+                    .saturating_sub(s.to_backend.len())
+                    .min(s.to_backend.room(pool))
+                    .saturating_sub(FRAMING)
+                    .min(scratch.len());
+                if room == 0 {
+                    if pool.available() == 0 {
+                        // Out of budget, not of the client's doing: come back when chunks are
+                        // returned (nothing else would wake a stream whose client is blocked
+                        // by the flow control we stopped crediting).
+                        if budget_blocked.last() != Some(&sk) {
+                            budget_blocked.push(sk);
+                        }
+                        if let Some(w) = s.wait.as_mut() {
+                            w.starved = true;
+                        }
+                    }
+                    break;
+                }
+                match h3.recv_body(&mut c.q, s.id, &mut scratch[..room]) {
                     Ok(n) => {
                         let data = &scratch[..n];
+                        if n > 0 {
+                            s.last_body_at = Some(now);
+                            c.last_body_at = Some(now);
+                        }
                         s.req_body_bytes += n as u64;
                         s.log.bytes_in += n as u64;
-                        match s.framing {
-                            BodyKind::Chunked => http1::encode_chunk(data, &mut s.to_backend),
-                            _ => s.to_backend.extend_from_slice(data),
+                        let pushed = match s.framing {
+                            BodyKind::Chunked => {
+                                let mut framed = Vec::with_capacity(n + FRAMING);
+                                http1::encode_chunk(data, &mut framed);
+                                s.to_backend.push(pool, &framed) == framed.len()
+                            }
+                            _ => s.to_backend.push(pool, data) == n,
+                        };
+                        debug_assert!(pushed, "room was checked before reading");
+                        if !pushed {
+                            error = Some(H3_INTERNAL_ERROR);
+                            break;
                         }
                         if s.content_length.is_some_and(|cl| s.req_body_bytes > cl) {
                             error = Some(H3_MESSAGE_ERROR);
@@ -330,6 +553,16 @@ impl Core {
                         error = Some(H3_INTERNAL_ERROR);
                         break;
                     }
+                }
+            }
+            if let Some(w) = s.wait.as_mut() {
+                let chunk = pool.chunk_size() as u64;
+                let body_chunks = s.req_body_bytes.div_ceil(chunk);
+                let still = (w.target.div_ceil(chunk) + 1).saturating_sub(body_chunks) as usize;
+                // Taken back from what was just released, so this cannot fail; if it ever did,
+                // the stream simply reads less next time.
+                if pool.reserve(still) {
+                    w.reserved = still;
                 }
             }
             if s.resp_end && s.body_readable {
@@ -351,6 +584,7 @@ impl Core {
             self.reset_stream(sk, code);
             return;
         }
+        self.maybe_release_wait(now, sk);
         self.backend_write(sk);
         if let Some(s) = self.streams.get(sk) {
             let ck = s.conn;
@@ -362,13 +596,15 @@ impl Core {
     pub(crate) fn pump_response(&mut self, now: Instant, sk: StreamKey) {
         let mut bad_response = None;
         {
-            let Some(s) = self.streams.get_mut(sk) else {
+            let Core { streams, pool, .. } = self;
+            let Some(s) = streams.get_mut(sk) else {
                 return;
             };
             let mut off = 0;
             let Stream {
                 parser,
                 from_backend,
+                from_chunks,
                 body_out,
                 head,
                 log,
@@ -400,7 +636,9 @@ impl Core {
                     }
                     Ok((n, Parsed::Body(b))) => {
                         off += n;
-                        body_out.extend_from_slice(b);
+                        // Already in memory (a read was only armed with budget to spare): the
+                        // move from the read window to the response queue is charged as is.
+                        body_out.push_forced(pool, b);
                         if n == 0 {
                             break; // no progress: wait for more input
                         }
@@ -420,7 +658,15 @@ impl Core {
                     }
                 }
             }
-            s.from_backend.drain(..off.min(s.from_backend.len()));
+            from_backend.drain(..off.min(from_backend.len()));
+            // The read window is charged by whole chunks for what is still unparsed.
+            let need = from_backend.len().div_ceil(pool.chunk_size());
+            if need < *from_chunks {
+                pool.release(*from_chunks - need);
+            } else {
+                pool.reserve_forced(need - *from_chunks);
+            }
+            *from_chunks = need;
             if s.resp_end && !s.from_backend.is_empty() {
                 // Bytes after the end of the response: the connection is out of sync.
                 s.backend_keepalive = false;
@@ -450,7 +696,12 @@ impl Core {
     fn send_response_data(&mut self, sk: StreamKey) {
         let mut fail = false;
         {
-            let Core { conns, streams, .. } = self;
+            let Core {
+                conns,
+                streams,
+                pool,
+                ..
+            } = self;
             let Some(s) = streams.get_mut(sk) else { return };
             let Some(c) = conns.get_mut(s.conn) else {
                 return;
@@ -472,12 +723,14 @@ impl Core {
                 }
             }
             while !fail && s.head_sent && !s.fin_sent && !s.body_out.is_empty() {
-                match h3.send_body(&mut c.q, s.id, &s.body_out, s.resp_end) {
+                let front = s.body_out.front();
+                let last = front.len() == s.body_out.len();
+                match h3.send_body(&mut c.q, s.id, front, s.resp_end && last) {
                     Ok(n) => {
-                        let all = n == s.body_out.len();
-                        s.body_out.drain(..n);
+                        let all = n == front.len();
+                        s.body_out.consume(pool, n);
                         s.log.bytes_out += n as u64;
-                        if all && s.resp_end {
+                        if all && last && s.resp_end {
                             s.fin_sent = true;
                         }
                         if !all {
@@ -535,8 +788,14 @@ impl Core {
             false,
         ));
         s.log.status = status;
-        s.body_out = body;
+        s.body_out.clear(&mut self.pool);
+        s.body_out.push_forced(&mut self.pool, &body);
         s.from_backend.clear();
+        self.pool.release(std::mem::take(&mut s.from_chunks));
+        if let Some(w) = s.wait.take() {
+            self.pool.release(w.reserved);
+        }
+        s.queued = false;
         s.resp_end = true;
         s.deadline = None;
         s.retry_head = None;
@@ -612,12 +871,18 @@ impl Core {
     }
 
     /// Forgets the stream: unlinks it from its connection and its backend connection (which is
-    /// closed unless it was already handed back to the pool).
+    /// closed unless it was already handed back to the pool) and returns its memory.
     pub(crate) fn drop_stream(&mut self, sk: StreamKey) {
         self.close_backend_of(sk);
-        let Some(s) = self.streams.remove(sk) else {
+        let Some(mut s) = self.streams.remove(sk) else {
             return;
         };
+        s.to_backend.clear(&mut self.pool);
+        s.body_out.clear(&mut self.pool);
+        self.pool.release(s.from_chunks);
+        if let Some(w) = s.wait {
+            self.pool.release(w.reserved);
+        }
         if let Some(c) = self.conns.get_mut(s.conn) {
             if c.streams.get(&s.id) == Some(&sk) {
                 c.streams.remove(&s.id);
@@ -633,6 +898,49 @@ impl Core {
             return;
         };
         if s.deadline != Some(at) {
+            return;
+        }
+        if s.queued {
+            self.stats.budget_refusals += 1;
+            log::warn!(
+                "stream {}: no memory budget within the queue timeout: answering 503",
+                s.id
+            );
+            self.respond_error(now, sk, 503, "memory budget exhausted");
+            return;
+        }
+        if let Some(w) = s.wait {
+            // A client still sending (on this stream, or on its connection whose flow control
+            // the other streams share) is slow, not stalled: forward what arrived.
+            let recent =
+                |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < STALL);
+            let conn_recent = self
+                .conns
+                .get(s.conn)
+                .is_some_and(|c| recent(c.last_body_at));
+            if !w.starved && (recent(s.last_body_at) || conn_recent) {
+                log::debug!(
+                    "stream {}: wait-for-body time elapsed, client still sending: forwarding",
+                    s.id
+                );
+                if let Some(s) = self.streams.get_mut(sk) {
+                    s.wait = None;
+                    s.deadline = None;
+                }
+                self.pool.release(w.reserved);
+                self.assign_backend(now, sk);
+                return;
+            }
+            if w.starved {
+                self.stats.budget_refusals += 1;
+                log::warn!(
+                    "stream {}: wait-for-body starved of memory budget: answering 503",
+                    s.id
+                );
+                self.respond_error(now, sk, 503, "memory budget exhausted");
+            } else {
+                self.respond_error(now, sk, 408, "request body too slow");
+            }
             return;
         }
         log::debug!("stream {}: backend timeout", s.id);
@@ -665,8 +973,10 @@ impl Core {
 
     pub(crate) fn restart_request(&mut self, sk: StreamKey, head: Vec<u8>) {
         if let Some(s) = self.streams.get_mut(sk) {
-            s.to_backend = head;
+            s.to_backend.clear(&mut self.pool);
+            s.to_backend.push_forced(&mut self.pool, &head);
             s.from_backend.clear();
+            self.pool.release(std::mem::take(&mut s.from_chunks));
             s.parser = ResponseParser::new(s.log.method == "HEAD");
         }
     }

@@ -7,6 +7,10 @@
 //! index is encoded in its DCID (`steering`); a datagram that still reaches the wrong worker is
 //! passed to its owner through a bounded queue (std's bounded channel: a lock-free array queue)
 //! and an eventfd wake-up, and is never processed by a worker that does not own it.
+//!
+//! Operations hooks, all off the datagram path: the loop stores its phase and live counts in its
+//! `diag` slot (relaxed atomic stores, read by crash reports), publishes a metrics snapshot
+//! about every 250 ms (one lock of its own snapshot), and logs its state once per SIGUSR2.
 
 use std::io;
 use std::net::SocketAddr;
@@ -20,7 +24,9 @@ use crate::cid::Secret;
 use crate::cmsg;
 use crate::config::Config;
 use crate::core::{self, BackendEvent, BackendKey, Core, Handoff, Stats};
+use crate::diag::{self, Phase, Probe};
 use crate::frontend;
+use crate::metrics::{self, Snapshot};
 use crate::ring::{self, Handler, Ring, RingStats};
 
 /// Longest single wait: bounds how late a stop request is noticed even if no signal interrupts
@@ -274,8 +280,36 @@ pub struct WorkerReport {
     pub handoff_drops: u64,
 }
 
+/// What a worker gets from `main` besides its sockets: its QUIC configurations (built before the
+/// privilege drop, since the TLS key may be readable by root only), a channel to say it is
+/// serving (or why it cannot), and its metrics snapshot.
+pub struct Ops {
+    /// One per frontend, in config order.
+    pub quic: Vec<quiche::Config>,
+    pub ready: mpsc::Sender<(u8, Result<(), String>)>,
+    pub snapshot: metrics::Shared,
+}
+
+/// QUIC + TLS configuration of every frontend (loads the certificates and keys).
+pub fn quic_configs(config: &Config) -> Result<Vec<quiche::Config>, String> {
+    config.frontends.iter().map(frontend::quic_config).collect()
+}
+
+fn snapshot(index: u8, core: &Core, ring: &Ring, handoff_drops: u64, loops: u64) -> Snapshot {
+    Snapshot {
+        worker: index,
+        stats: core.stats(),
+        ring: ring.stats.clone(),
+        live: core.live(),
+        handoff_drops,
+        loops,
+        draining: core.is_draining(),
+    }
+}
+
 /// Runs worker `index` of `workers` on its bound sockets until `stop` is set and its connections
-/// have drained.
+/// have drained. Reports on `ops.ready` once serving, or with the error that prevents it.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     index: u8,
     workers: u8,
@@ -284,48 +318,20 @@ pub fn run(
     stop: &AtomicBool,
     sockets: Vec<BoundSocket>,
     mesh: Mesh,
+    ops: Ops,
 ) -> Result<WorkerReport, String> {
-    let mut listeners = Vec::new();
-    let mut ring_listeners = Vec::new();
-    let mut quic = Vec::new();
-    for fe in &config.frontends {
-        quic.push(frontend::quic_config(fe)?);
-    }
-    let mut gso = MAX_GSO_SEGMENTS;
-    for b in &sockets {
-        let local = b.socket.local_addr().map_err(|e| e.to_string())?;
-        listeners.push(core::Listener {
-            frontend: b.frontend,
-            local,
-        });
-        ring_listeners.push(ring::Listener {
-            fd: b.socket.as_raw_fd(),
-            local,
-        });
-        gso = gso.min(b.caps.gso_segments);
-    }
-    let drain = config
-        .frontends
-        .iter()
-        .map(|f| f.timeouts.drain)
-        .max()
-        .unwrap_or(Duration::from_secs(10));
-    let mut core = Core::new(index, config, listeners, quic, secret, Instant::now())?;
-    core.set_workers(workers);
-    core.set_gso_segments(gso);
-    let mut ring = Ring::new(ring_listeners, Some(mesh.wake.as_raw_fd()))
-        .map_err(|e| format!("io_uring setup: {e}"))?;
-    log::info!(
-        "worker {index}: serving on {}",
-        sockets
-            .iter()
-            .filter_map(|s| s.socket.local_addr().ok())
-            .map(|a| a.to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    let mut probe = Probe::register(index);
+    let Ops {
+        quic,
+        ready,
+        snapshot: shared,
+    } = ops;
+    let started = setup(index, workers, config, secret, &sockets, &mesh, quic);
+    let _ = ready.send((index, started.as_ref().map(|_| ()).map_err(|e| e.clone())));
+    let (mut core, mut ring, drain) = started?;
 
     let mut handoff_drops = 0u64;
+    let mut next_publish = Instant::now();
     let mut woke_peer = vec![false; mesh.peers.len()];
     // A pending transmit that found no free send slot: wait for send completions first.
     let mut send_blocked = false;
@@ -342,10 +348,12 @@ pub fn run(
                 .unwrap_or(MAX_WAIT);
             Some(t.min(MAX_WAIT))
         };
+        probe.phase(Phase::Wait);
         ring.wait(timeout)
             .map_err(|e| format!("io_uring wait: {e}"))?;
 
         // Phase: dispatch completions (datagrams, backend results) into the core.
+        probe.phase(Phase::Dispatch);
         let now = Instant::now();
         let mut ev = Events {
             core: &mut core,
@@ -355,20 +363,24 @@ pub fn run(
         ring.dispatch(&mut ev);
         // Phase: datagrams other workers handed to us (drained on wake-up and every pass, so a
         // coalesced wake-up never strands one).
+        probe.phase(Phase::HandoffIn);
         while let Ok(h) = mesh.inbox.try_recv() {
             core.stats.handoffs_in += 1;
             let mut data = h.data;
             core.on_datagram(now, h.listener, h.from, h.to, &mut data);
         }
+        probe.phase(Phase::Timers);
         core.on_timer(now);
         if stop.load(Ordering::Relaxed) && !core.is_draining() {
             log::info!("worker {index}: stopping, draining up to {drain:?}");
             core.shutdown(now, drain);
         }
+        probe.phase(Phase::Flush);
         core.flush(now);
         while let Some(a) = core.poll_backend_action() {
             ring.backend(a);
         }
+        probe.phase(Phase::Transmit);
         send_blocked = false;
         loop {
             let Some(mut slot) = ring.send_slot() else {
@@ -389,6 +401,7 @@ pub fn run(
             ring.backend(a);
         }
         // Phase: hand datagrams for other workers' connections to their owners.
+        probe.phase(Phase::HandoffOut);
         while let Some(h) = core.poll_handoff() {
             let w = usize::from(h.worker);
             let Some(peer) = mesh.peers.get(w) else {
@@ -413,21 +426,104 @@ pub fn run(
             }
         }
         core.check_invariants_every(loops);
+        if core.take_trim_hint() {
+            // A load peak passed: hand freed heap pages back so RSS follows the budget down.
+            // SAFETY: malloc_trim only releases free memory of this process's heap.
+            unsafe { libc::malloc_trim(0) };
+        }
+        // Phase: operations hooks (crash-report state every pass; metrics and dumps rarely).
+        probe.live(core.live(), loops);
+        let dump = probe.dump_requested();
+        if dump || now >= next_publish {
+            probe.phase(Phase::Publish);
+            let snap = snapshot(index, &core, &ring, handoff_drops, loops);
+            if dump {
+                log_state(&snap);
+            }
+            metrics::publish(&shared, snap);
+            next_publish = now + metrics::PUBLISH_EVERY;
+            if dump {
+                diag::maybe_crash_test(index);
+            }
+        }
         if core.is_done() {
             break;
         }
     }
+    probe.phase(Phase::Stopping);
     ring.submit().map_err(|e| format!("io_uring submit: {e}"))?;
     ring.shutdown();
+    metrics::publish(&shared, snapshot(index, &core, &ring, handoff_drops, loops));
     let (c, s, b) = core.live();
     debug_assert_eq!((c, s), (0, 0), "connections or streams left after drain");
     log::info!("worker {index}: stopped (live conns {c}, streams {s}, backend conns {b})");
     Ok(WorkerReport {
         index,
-        stats: core.stats.clone(),
+        stats: core.stats(),
         ring: ring.stats.clone(),
         handoff_drops,
     })
+}
+
+/// Builds the worker's core and ring (everything that can fail before serving).
+fn setup(
+    index: u8,
+    workers: u8,
+    config: &Config,
+    secret: Secret,
+    sockets: &[BoundSocket],
+    mesh: &Mesh,
+    quic: Vec<quiche::Config>,
+) -> Result<(Core, Ring, Duration), String> {
+    let mut listeners = Vec::new();
+    let mut ring_listeners = Vec::new();
+    let mut gso = MAX_GSO_SEGMENTS;
+    for b in sockets {
+        let local = b.socket.local_addr().map_err(|e| e.to_string())?;
+        listeners.push(core::Listener {
+            frontend: b.frontend,
+            local,
+        });
+        ring_listeners.push(ring::Listener {
+            fd: b.socket.as_raw_fd(),
+            local,
+        });
+        gso = gso.min(b.caps.gso_segments);
+    }
+    let drain = config
+        .frontends
+        .iter()
+        .map(|f| f.timeouts.drain)
+        .max()
+        .unwrap_or(Duration::from_secs(10));
+    let mut core = Core::new(index, config, listeners, quic, secret, Instant::now())?;
+    core.set_workers(workers);
+    core.set_gso_segments(gso);
+    let ring = Ring::new(ring_listeners, Some(mesh.wake.as_raw_fd()))
+        .map_err(|e| format!("io_uring setup: {e}"))?;
+    log::info!(
+        "worker {index}: serving on {}",
+        sockets
+            .iter()
+            .filter_map(|s| s.socket.local_addr().ok())
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((core, ring, drain))
+}
+
+/// The SIGUSR2 state dump of one worker: one log line, taken without stopping anything.
+fn log_state(snap: &Snapshot) {
+    let (c, s, b) = snap.live;
+    log::info!(
+        "worker {} state: connections {c}, streams {s}, backend connections {b}, draining {}, \
+         loop passes {}; counters: {}",
+        snap.worker,
+        snap.draining,
+        snap.loops,
+        metrics::summary(snap)
+    );
 }
 
 impl Core {
