@@ -276,6 +276,55 @@ static FAMILIES: &[Family] = &[
         ],
     },
     family!(
+        "h3gate_budget_bytes",
+        "gauge",
+        "Memory budget of the worker (its share of max-memory).",
+        "budget_bytes",
+        |s| (s.stats.budget.capacity as u64).saturating_mul(s.stats.budget.chunk_size as u64)
+    ),
+    family!(
+        "h3gate_budget_used_bytes",
+        "gauge",
+        "Budget held by buffers now.",
+        "budget_used_bytes",
+        |s| (s.stats.budget.in_use as u64).saturating_mul(s.stats.budget.chunk_size as u64)
+    ),
+    family!(
+        "h3gate_budget_peak_bytes",
+        "gauge",
+        "Highest budget use since start.",
+        "budget_peak_bytes",
+        |s| (s.stats.budget.peak as u64).saturating_mul(s.stats.budget.chunk_size as u64)
+    ),
+    family!(
+        "h3gate_budget_chunk_refusals_total",
+        "counter",
+        "Buffer chunks refused because the budget was spent (a side stopped reading).",
+        "budget_chunk_refusals",
+        |s| s.stats.budget.refusals
+    ),
+    family!(
+        "h3gate_connections_refused_total",
+        "counter",
+        "New connections refused because the budget was above its high-water mark.",
+        "refused_conns",
+        |s| s.stats.refused_conns
+    ),
+    family!(
+        "h3gate_requests_queued_total",
+        "counter",
+        "Requests that waited in the admission queue for budget.",
+        "budget_queued",
+        |s| s.stats.budget_queued
+    ),
+    family!(
+        "h3gate_requests_refused_total",
+        "counter",
+        "Requests answered 503 for lack of budget.",
+        "budget_refusals",
+        |s| s.stats.budget_refusals
+    ),
+    family!(
         "h3gate_backend_connects_total",
         "counter",
         "TCP connections opened to origin servers.",
