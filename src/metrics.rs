@@ -280,21 +280,21 @@ static FAMILIES: &[Family] = &[
         "gauge",
         "Memory budget of the worker (its share of max-memory).",
         "budget_bytes",
-        |s| (s.stats.budget.capacity as u64).saturating_mul(s.stats.budget.chunk_size as u64)
+        |s| s.stats.budget.capacity as u64
     ),
     family!(
         "h3gate_budget_used_bytes",
         "gauge",
         "Budget held by buffers now.",
         "budget_used_bytes",
-        |s| (s.stats.budget.in_use as u64).saturating_mul(s.stats.budget.chunk_size as u64)
+        |s| s.stats.budget.in_use as u64
     ),
     family!(
         "h3gate_budget_peak_bytes",
         "gauge",
         "Highest budget use since start.",
         "budget_peak_bytes",
-        |s| (s.stats.budget.peak as u64).saturating_mul(s.stats.budget.chunk_size as u64)
+        |s| s.stats.budget.peak as u64
     ),
     family!(
         "h3gate_budget_chunk_refusals_total",
