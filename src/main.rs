@@ -249,7 +249,12 @@ fn drop_privileges(decision: &privdrop::Decision) -> Result<(), String> {
         // bound, CAP_NET_BIND_SERVICE is not needed any more.
         match privdrop::drop_capabilities() {
             Ok(()) => log::info!("capabilities dropped after binding"),
-            Err(e) => log::warn!("could not drop capabilities after binding ({e})"),
+            // systemd's `SystemCallFilter=~@privileged` forbids capset(2): not worth a warning
+            // on every start, the unit already bounds the set to CAP_NET_BIND_SERVICE.
+            Err(e) => log::info!(
+                "capabilities kept after binding ({e}; ambient set cleared); allow capset(2) to \
+                 drop them"
+            ),
         }
     }
     Ok(())
