@@ -247,7 +247,7 @@ impl Core {
                     self.set_stream_deadline(sk, Some(now + t));
                 }
                 self.backend_write(sk);
-                self.backend_read(sk);
+                self.backend_read(now, sk);
             }
             Err(e) => {
                 self.stats.backend_connect_errors += 1;
@@ -305,15 +305,24 @@ impl Core {
 
     /// Arms a read if the stream has room for more response bytes (the backpressure point: a
     /// slow client stops the reads, TCP stops the backend).
-    pub(crate) fn backend_read(&mut self, sk: StreamKey) {
+    pub(crate) fn backend_read(&mut self, now: Instant, sk: StreamKey) {
         let Some(s) = self.streams.get(sk) else {
             return;
         };
         let Some(bk) = s.bconn else { return };
         let chunk = self.pool.chunk_size();
-        if s.response_buffered() + chunk > s.limit || s.response_complete() {
+        if s.response_complete() {
             return;
         }
+        if s.response_buffered() + chunk > s.limit {
+            // Paused for the client, not waiting on the server: `timeout server` does not run
+            // while the client is the slow party (`timeout client` covers a client that stalls).
+            if s.deadline.is_some() && s.wait.is_none() && !s.queued {
+                self.set_stream_deadline(sk, None);
+            }
+            return;
+        }
+        let server_timeout = self.backends.get(s.backend).map(|b| b.timeouts.server);
         let Some(bc) = self.bconns.get_mut(bk) else {
             return;
         };
@@ -334,6 +343,11 @@ impl Core {
             key: bk,
             max: chunk,
         });
+        // Waiting on the server again (first byte, or more body): its timeout runs.
+        let pending = self.streams.get(sk).and_then(|s| s.deadline);
+        if let (Some(t), None) = (server_timeout, pending) {
+            self.set_stream_deadline(sk, Some(now + t));
+        }
     }
 
     pub(crate) fn backend_sent(&mut self, now: Instant, bk: BackendKey, r: io::Result<usize>) {

@@ -350,7 +350,7 @@ impl Core {
                 continue;
             }
             self.pump_request(now, sk);
-            self.backend_read(sk);
+            self.backend_read(now, sk);
             if let Some(ck) = self.streams.get(sk).map(|s| s.conn) {
                 self.mark_dirty(ck);
             }

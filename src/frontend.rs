@@ -47,6 +47,8 @@ pub struct Conn {
     pub(crate) flushing: Vec<u64>,
     /// When request body last arrived on any stream (wait-for-body's stall test).
     pub(crate) last_body_at: Option<Instant>,
+    /// Rotates which stream writes first (fair share of the send capacity).
+    pub(crate) rotation: usize,
     /// Handshake completed (counted out of `half_open`).
     pub(crate) established: bool,
 }
@@ -354,6 +356,7 @@ impl Core {
             goaway: None,
             flushing: Vec::new(),
             last_body_at: None,
+            rotation: 0,
             established: false,
         };
         let key = self.conns.insert(conn).ok()?;
@@ -505,11 +508,23 @@ impl Core {
 
     /// Lets every stream of the connection move pending response data into quiche.
     fn push_streams(&mut self, key: ConnKey, now: Instant) {
-        let sks: Vec<StreamKey> = match self.conns.get(key) {
-            Some(c) => c.streams.values().copied().collect(),
+        let mut sks: Vec<(u64, StreamKey)> = match self.conns.get_mut(key) {
+            Some(c) => {
+                c.rotation = c.rotation.wrapping_add(1);
+                c.streams.iter().map(|(&id, &sk)| (id, sk)).collect()
+            }
             None => return,
         };
-        for sk in sks {
+        // Fairness: streams share the connection's send capacity, and the first to write takes
+        // it. Start from a different stream on every pass so none starves behind the others.
+        sks.sort_unstable_by_key(|&(id, _)| id);
+        if let Some(c) = self.conns.get(key) {
+            if !sks.is_empty() {
+                let n = c.rotation % sks.len();
+                sks.rotate_left(n);
+            }
+        }
+        for (_, sk) in sks {
             self.pump_request(now, sk);
             self.pump_response(now, sk);
         }

@@ -685,8 +685,15 @@ impl Core {
             return;
         }
         self.send_response_data(sk);
-        self.backend_read(sk);
+        self.backend_read(now, sk);
         if self.streams.get(sk).is_some_and(|s| s.resp_end) {
+            // Nothing more is awaited from the server; delivering the rest to the client is
+            // bounded by `timeout client` (QUIC idle timeout), not `timeout server`.
+            if let Some(s) = self.streams.get_mut(sk) {
+                if s.wait.is_none() && !s.queued {
+                    s.deadline = None;
+                }
+            }
             self.release_backend(sk);
         }
         self.try_finish(sk);

@@ -35,7 +35,7 @@ const MAX_WAIT: Duration = Duration::from_millis(200);
 /// Handed-over datagrams queued per worker; beyond it they are dropped (QUIC recovers).
 const HANDOFF_QUEUE: usize = 4096;
 /// Kernel cap on segments in one UDP GSO send (UDP_MAX_SEGMENTS).
-const MAX_GSO_SEGMENTS: usize = 64;
+const MAX_GSO_SEGMENTS: usize = 16;
 
 /// What a UDP socket turned out to support at start-up (quinn-udp's `UdpSocketState`).
 #[derive(Debug, Clone, Copy, Default)]
