@@ -382,6 +382,16 @@ impl Core {
         self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs()
     }
 
+    /// Crash-report breadcrumbs: what this worker is working on right now.
+    #[inline]
+    pub(crate) fn breadcrumb(&self, conn: Option<ConnKey>, stream: Option<StreamKey>) {
+        crate::diag::breadcrumb(
+            self.worker,
+            conn.map(|k| k.to_u64()),
+            stream.map(|k| k.to_u64()),
+        );
+    }
+
     /// Shared-nothing: a core is only ever used by the thread that built it.
     pub(crate) fn debug_check_thread(&self) {
         debug_assert_eq!(
@@ -419,16 +429,29 @@ impl Core {
             }
             self.timers.pop();
             match t {
+                Timer::Conn(key) => self.breadcrumb(Some(key), None),
+                Timer::Handshake(key) => self.breadcrumb(Some(key), None),
+                Timer::Stream(key) => {
+                    let ck = self.streams.get(key).map(|s| s.conn);
+                    self.breadcrumb(ck, Some(key));
+                }
+                Timer::Drain => self.breadcrumb(None, None),
+            }
+            match t {
                 Timer::Conn(key) => self.conn_timer(key, at, now),
                 Timer::Handshake(key) => self.handshake_timer(key),
                 Timer::Stream(key) => self.stream_timer(key, at, now),
                 Timer::Drain => self.drain_expired(now),
             }
         }
+        self.breadcrumb(None, None);
     }
 
     pub fn on_backend(&mut self, now: Instant, key: BackendKey, ev: BackendEvent<'_>) {
         self.debug_check_thread();
+        let sk = self.bconns.get(key).and_then(|b| b.stream);
+        let ck = sk.and_then(|sk| self.streams.get(sk)).map(|s| s.conn);
+        self.breadcrumb(ck, sk);
         if !self.bconns.contains(key) {
             // The owner is gone (closed while the op was in flight). The ring already released
             // the buffer; nothing else to do.
@@ -451,6 +474,7 @@ impl Core {
         if let Some(ck) = conn {
             self.mark_dirty(ck);
         }
+        self.breadcrumb(None, None);
     }
 
     pub fn poll_backend_action(&mut self) -> Option<BackendAction> {
@@ -475,6 +499,7 @@ impl Core {
                 if !self.conns.contains(key) {
                     continue;
                 }
+                self.breadcrumb(Some(key), None);
                 self.service_conn(key, now);
                 if let Some(c) = self.conns.get_mut(key) {
                     c.dirty = false;
@@ -482,6 +507,7 @@ impl Core {
                 self.sendable.push_back(key);
             }
         }
+        self.breadcrumb(None, None);
     }
 
     /// Writes the next datagram into `buf`. Call until `None` after every `flush`.

@@ -74,6 +74,10 @@ pub struct Slot {
     streams: AtomicU64,
     bconns: AtomicU64,
     loops: AtomicU64,
+    /// Key (`index << 32 | generation`, plus 1; 0 = none) of the connection and of the stream
+    /// the worker's core is working on: the crash report's breadcrumbs.
+    conn: AtomicU64,
+    stream: AtomicU64,
     err_len: AtomicUsize,
     err: [AtomicU8; ERR_LEN],
 }
@@ -88,6 +92,8 @@ impl Slot {
             streams: AtomicU64::new(0),
             bconns: AtomicU64::new(0),
             loops: AtomicU64::new(0),
+            conn: AtomicU64::new(0),
+            stream: AtomicU64::new(0),
             err_len: AtomicUsize::new(0),
             err: [const { AtomicU8::new(0) }; ERR_LEN],
         }
@@ -338,6 +344,29 @@ impl Out for RawOut {
     }
 }
 
+/// Records which connection / stream a worker's core is processing (`None` clears). Two relaxed
+/// stores: cheap enough for every event.
+#[inline]
+pub fn breadcrumb(worker: u8, conn: Option<u64>, stream: Option<u64>) {
+    if let Some(slot) = SLOTS.get(usize::from(worker)) {
+        slot.conn
+            .store(conn.map_or(0, |k| k.wrapping_add(1)), Relaxed);
+        slot.stream
+            .store(stream.map_or(0, |k| k.wrapping_add(1)), Relaxed);
+    }
+}
+
+fn write_key(out: &mut impl Out, v: u64) {
+    if v == 0 {
+        out.s("none");
+        return;
+    }
+    let k = v.wrapping_sub(1);
+    out.n(k & 0xffff_ffff);
+    out.s("#");
+    out.n(k >> 32);
+}
+
 fn write_worker_line(out: &mut impl Out, i: usize, slot: &Slot) {
     out.s("worker ");
     out.n(i as u64);
@@ -351,6 +380,10 @@ fn write_worker_line(out: &mut impl Out, i: usize, slot: &Slot) {
     out.n(slot.bconns.load(Relaxed));
     out.s("; loop passes ");
     out.n(slot.loops.load(Relaxed));
+    out.s("; processing connection ");
+    write_key(out, slot.conn.load(Relaxed));
+    out.s(", stream ");
+    write_key(out, slot.stream.load(Relaxed));
     out.s("\n");
 }
 

@@ -296,6 +296,7 @@ impl Core {
         to: SocketAddr,
         buf: &mut [u8],
     ) {
+        self.breadcrumb(Some(key), None);
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
