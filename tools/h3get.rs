@@ -6,11 +6,11 @@
 //! requests it can send many concurrent streams on one connection, use several
 //! connections in parallel, send deliberately malformed header lists
 //! (`--raw-headers`), reuse a connection after a stream error (`--then`) and
-//! simulate NAT rebinding (`--rebind-every`). It never panics on anything the
-//! server sends: protocol problems are reported on stderr and make the exit
-//! status 1.
+//! simulate NAT rebinding (`--rebind-every`) and read response bodies slowly
+//! (`--rate`). It never panics on anything the server sends: protocol problems
+//! are reported on stderr and make the exit status 1.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Write;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -127,6 +127,12 @@ struct Args {
     /// print connection details to stderr
     #[argh(switch, short = 'v')]
     verbose: bool,
+
+    /// read response bodies no faster than BYTES_PER_SEC per connection (a
+    /// token bucket); unread data stays in quiche, which then stops crediting
+    /// the server (QUIC flow control): a slow reader
+    #[argh(option)]
+    rate: Option<u64>,
 }
 
 /// A parsed `https://` URL.
@@ -348,6 +354,53 @@ struct Opts {
     deadline: Instant,
     timeout: Duration,
     multi_conn: bool,
+    /// `--rate`: response body bytes per second per connection.
+    rate: Option<u64>,
+}
+
+/// How often a rate-limited client wakes up at least while it has unread
+/// response data (tokens refill in between).
+const RATE_TICK: Duration = Duration::from_millis(10);
+
+/// Token bucket for `--rate`: `rate` bytes per second, bursts of at most
+/// `cap` bytes (a tenth of a second's worth, at least one byte).
+struct Bucket {
+    rate: u64,
+    cap: u64,
+    tokens: u64,
+    /// Refill time reached so far, and the fraction of a token (in units of
+    /// 1/1e9 byte) carried over.
+    last: Instant,
+    carry: u128,
+}
+
+impl Bucket {
+    fn new(rate: u64, now: Instant) -> Bucket {
+        let cap = (rate / 10).max(1);
+        Bucket {
+            rate,
+            cap,
+            tokens: cap,
+            last: now,
+            carry: 0,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_nanos();
+        self.last = now;
+        let total = self.carry + dt * u128::from(self.rate);
+        let add = total / 1_000_000_000;
+        self.carry = total % 1_000_000_000;
+        self.tokens = (u128::from(self.tokens) + add).min(u128::from(self.cap)) as u64;
+        if self.tokens == self.cap {
+            self.carry = 0;
+        }
+    }
+
+    fn take(&mut self, n: u64) {
+        self.tokens = self.tokens.saturating_sub(n);
+    }
 }
 
 /// Where response bodies of the "primary" requests go.
@@ -571,6 +624,12 @@ struct Client<'a> {
     refused: Option<String>,
     /// Raw mode: next client-initiated bidirectional stream ID.
     next_raw_sid: u64,
+    /// `--rate`: the read allowance.
+    bucket: Option<Bucket>,
+    /// `--rate`: streams with response body left in quiche. quiche's Data
+    /// event fires only once until a stream is drained, so these are read
+    /// from the main loop as tokens come in.
+    unread: BTreeSet<u64>,
 }
 
 impl<'a> Client<'a> {
@@ -643,6 +702,8 @@ impl<'a> Client<'a> {
             established: false,
             refused: None,
             next_raw_sid: 0,
+            bucket: o.rate.map(|r| Bucket::new(r, Instant::now())),
+            unread: BTreeSet::new(),
         })
     }
 
@@ -671,6 +732,8 @@ impl<'a> Client<'a> {
                 self.setup_h3();
             }
             if self.h3.is_some() {
+                // Before polling: draining a stream queues its Finished event.
+                self.read_unread();
                 self.process_events();
                 self.maybe_queue_then();
                 self.start_requests();
@@ -729,6 +792,9 @@ impl<'a> Client<'a> {
             }
             if let Some(t) = next_rebind {
                 wait = wait.min(t.saturating_duration_since(now));
+            }
+            if !self.unread.is_empty() {
+                wait = wait.min(RATE_TICK);
             }
             let fds: Vec<i32> = self.socks.iter().map(|s| s.udp.as_raw_fd()).collect();
             if poll_fds(&fds, libc::POLLIN, wait) {
@@ -1128,16 +1194,53 @@ impl<'a> Client<'a> {
         }
     }
 
+    /// `--rate`: reads what the tokens allow from the streams with unread
+    /// response body, lowest stream first.
+    fn read_unread(&mut self) {
+        if self.unread.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(b) = self.bucket.as_mut() {
+            b.refill(now);
+        }
+        let sids: Vec<u64> = self.unread.iter().copied().collect();
+        for sid in sids {
+            if self.bucket.as_ref().is_some_and(|b| b.tokens == 0) {
+                return;
+            }
+            self.on_data(sid);
+        }
+    }
+
     fn on_data(&mut self, sid: u64) {
         let idx = self.by_stream.get(&sid).copied();
+        if let Some(b) = self.bucket.as_mut() {
+            // Remembered until recv_body says Done: no new Data event until then.
+            self.unread.insert(sid);
+            b.refill(Instant::now());
+        }
         loop {
+            let want = match &self.bucket {
+                Some(b) => (b.tokens.min(self.buf.len() as u64)) as usize,
+                None => self.buf.len(),
+            };
+            if want == 0 {
+                return; // out of tokens: read_unread comes back for it
+            }
             let Some(h3) = self.h3.as_mut() else { return };
-            let n = match h3.recv_body(&mut self.conn, sid, &mut self.buf) {
+            let n = match h3.recv_body(&mut self.conn, sid, &mut self.buf[..want]) {
                 Ok(n) => n,
                 // Done: drained. Anything else (e.g. a reset) is reported by
                 // a later event.
-                Err(_) => return,
+                Err(_) => {
+                    self.unread.remove(&sid);
+                    return;
+                }
             };
+            if let Some(b) = self.bucket.as_mut() {
+                b.take(n as u64);
+            }
             self.stats.bytes += n as u64;
             let Some(i) = idx else { continue };
             let r = &mut self.reqs[i];
@@ -1379,6 +1482,9 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
     if args.chunk == 0 {
         return Err("--chunk must be at least 1".into());
     }
+    if args.rate == Some(0) {
+        return Err("--rate must be at least 1".into());
+    }
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|d| !d.is_zero() && d.as_secs() < 1_000_000_000)
@@ -1437,6 +1543,7 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
         deadline: start + timeout,
         timeout,
         multi_conn: args.connections > 1,
+        rate: args.rate,
     })
 }
 
