@@ -65,8 +65,11 @@ pub struct Stream {
     pub(crate) backend_keepalive: bool,
 }
 
-/// A client that sent no body for this long when wait-for-body's time is up has stalled (408).
-const STALL: std::time::Duration = std::time::Duration::from_secs(1);
+/// A client that sent no body for this long when wait-for-body's time is up has stalled (408):
+/// a quarter of the wait time, at most one second.
+fn stall_after(time: std::time::Duration) -> std::time::Duration {
+    (time / 4).min(std::time::Duration::from_secs(1))
+}
 
 /// State of `http-request wait-for-body` for one stream.
 #[derive(Debug, Clone, Copy)]
@@ -919,8 +922,9 @@ impl Core {
         if let Some(w) = s.wait {
             // A client still sending (on this stream, or on its connection whose flow control
             // the other streams share) is slow, not stalled: forward what arrived.
-            let recent =
-                |t: Option<Instant>| t.is_some_and(|t| now.saturating_duration_since(t) < STALL);
+            let recent = |t: Option<Instant>| {
+                t.is_some_and(|t| now.saturating_duration_since(t) < stall_after(w.time))
+            };
             let conn_recent = self
                 .conns
                 .get(s.conn)
