@@ -662,18 +662,18 @@ const PEERS: [SocketAddr; 4] = [
     SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 50000),
 ];
 
-/// A worker core on the fuzz certificate (`fuzz/data/`), one frontend with small limits.
-pub fn endpoint_core(now: Instant) -> Core {
+/// A worker core with one frontend on the fuzz certificate (`fuzz/data/`) and small limits;
+/// `defaults` and `backend` are the bodies of those sections.
+fn fuzz_core(now: Instant, defaults: &str, backend: &str) -> Core {
     let data = fuzz_dir().join("data");
     let text = format!(
-        "defaults\n    timeout client 5s\n    timeout handshake 2s\n    timeout drain 1s\n\
-         frontend web\n    bind {LOCAL}\n    cert {}\n    key {}\n    default_backend app\n\
-         \x20   max-connections 4\n    max-concurrent-streams 8\n\
-         backend app\n    server a1 127.0.0.1:8080\n",
+        "defaults\n{defaults}frontend web\n    bind {LOCAL}\n    cert {}\n    key {}\n\
+         \x20   default_backend app\n    max-connections 4\n    max-concurrent-streams 8\n\
+         backend app\n{backend}",
         data.join("cert.pem").display(),
         data.join("key.pem").display(),
     );
-    let cfg = config::parse("endpoint.conf", &text).expect("endpoint config");
+    let cfg = config::parse("fuzz.conf", &text).expect("fuzz core config");
     let quic = cfg
         .frontends
         .iter()
@@ -684,6 +684,15 @@ pub fn endpoint_core(now: Instant) -> Core {
         local: LOCAL,
     }];
     Core::new(0, &cfg, listeners, quic, Secret::random(), now).expect("core")
+}
+
+/// The endpoint target's core.
+pub fn endpoint_core(now: Instant) -> Core {
+    fuzz_core(
+        now,
+        "    timeout client 5s\n    timeout handshake 2s\n    timeout drain 1s\n",
+        "    server a1 127.0.0.1:8080\n",
+    )
 }
 
 /// Splits endpoint input into datagrams: each is a 2-byte big-endian length, a flags byte and the
@@ -764,31 +773,16 @@ pub fn endpoint(data: &[u8]) {
 // session
 // ---------------------------------------------------------------------------------------------
 
-/// The session frontend's config: two servers (one a host name the pure parser leaves
-/// unresolved, so it always fails), maxconn to reach 503, short timeouts a time jump can fire.
+/// The session target's core: two servers (one a host name the pure parser leaves unresolved,
+/// so it always fails), maxconn to reach 503, short timeouts a time jump can fire.
 fn session_core(now: Instant) -> Core {
-    let data = fuzz_dir().join("data");
-    let text = format!(
-        "defaults\n    timeout client 5s\n    timeout handshake 2s\n    timeout drain 1s\n\
-         \x20   timeout connect 300ms\n    timeout server 600ms\n\
-         frontend web\n    bind {LOCAL}\n    cert {}\n    key {}\n    default_backend app\n\
-         \x20   max-connections 4\n    max-concurrent-streams 8\n\
-         backend app\n    balance roundrobin\n    server a1 127.0.0.1:8080 maxconn 3\n\
+    fuzz_core(
+        now,
+        "    timeout client 5s\n    timeout handshake 2s\n    timeout drain 1s\n\
+         \x20   timeout connect 300ms\n    timeout server 600ms\n",
+        "    balance roundrobin\n    server a1 127.0.0.1:8080 maxconn 3\n\
          \x20   server a2 origin.invalid:8080 weight 2\n",
-        data.join("cert.pem").display(),
-        data.join("key.pem").display(),
-    );
-    let cfg = config::parse("session.conf", &text).expect("session config");
-    let quic = cfg
-        .frontends
-        .iter()
-        .map(|fe| h3gate::frontend::quic_config(fe).expect("quiche config from fuzz/data"))
-        .collect();
-    let listeners = vec![Listener {
-        frontend: 0,
-        local: LOCAL,
-    }];
-    Core::new(0, &cfg, listeners, quic, Secret::random(), now).expect("core")
+    )
 }
 
 /// Responses an origin would send, for the "answer well" op (index by a fuzzer byte).
@@ -836,13 +830,14 @@ const CANNED_REQUESTS: &[&[(&str, &str)]] = &[
 enum RingOp {
     Connect(BackendKey),
     Send(BackendKey, usize),
-    Recv(BackendKey),
+    /// A read of at most this many bytes.
+    Recv(BackendKey, usize),
 }
 
 impl RingOp {
     fn key(&self) -> BackendKey {
         match *self {
-            RingOp::Connect(k) | RingOp::Send(k, _) | RingOp::Recv(k) => k,
+            RingOp::Connect(k) | RingOp::Send(k, _) | RingOp::Recv(k, _) => k,
         }
     }
 }
@@ -858,6 +853,8 @@ struct Session {
     nat_addr: SocketAddr,
     now: Instant,
     ops: Vec<RingOp>,
+    /// Bytes each backend connection's origin has sent that no read has taken yet.
+    inbound: Vec<(BackendKey, Vec<u8>)>,
     /// Backend connections that have had their first Send (the request head is checked on it).
     sent_to: Vec<BackendKey>,
     /// Client streams that got a response head.
@@ -904,6 +901,7 @@ impl Session {
             nat_addr: client_addr,
             now,
             ops: Vec::new(),
+            inbound: Vec::new(),
             sent_to: Vec::new(),
             answered: Vec::new(),
             streams: Vec::new(),
@@ -972,18 +970,22 @@ impl Session {
                     }
                     self.ops.push(RingOp::Send(key, data.len()));
                 }
-                BackendAction::Recv { key } => {
+                BackendAction::Recv { key, max } => {
+                    assert!(max > 0, "a Recv of 0 bytes");
                     assert!(
                         !self
                             .ops
                             .iter()
-                            .any(|o| matches!(o, RingOp::Recv(k) if *k == key)),
+                            .any(|o| matches!(o, RingOp::Recv(k, _) if *k == key)),
                         "a second Recv armed on one backend connection"
                     );
-                    self.ops.push(RingOp::Recv(key));
+                    self.ops.push(RingOp::Recv(key, max));
                 }
                 // The ring cancels what is in flight; the core never hears of it again.
-                BackendAction::Close { key } => self.ops.retain(|o| o.key() != key),
+                BackendAction::Close { key } => {
+                    self.ops.retain(|o| o.key() != key);
+                    self.inbound.retain(|(k, _)| *k != key);
+                }
             }
         }
     }
@@ -1064,27 +1066,55 @@ impl Session {
                 };
                 self.core.on_backend(now, k, BackendEvent::Sent(r));
             }
-            RingOp::Recv(k) => match outcome % 4 {
-                0 => {
-                    let data = CANNED_RESPONSES[usize::from(b.u8()) % CANNED_RESPONSES.len()];
-                    self.core
-                        .on_backend(now, k, BackendEvent::Received(Ok(data)));
+            RingOp::Recv(k, max) => {
+                // What the origin sends is queued per connection; a read takes at most `max`.
+                let pos = match self.inbound.iter().position(|(key, _)| *key == k) {
+                    Some(pos) => pos,
+                    None => {
+                        self.inbound.push((k, Vec::new()));
+                        self.inbound.len() - 1
+                    }
+                };
+                let queued = &mut self.inbound[pos].1;
+                match outcome % 4 {
+                    // The origin answers (if it has not yet): a canned response.
+                    0 => {
+                        if queued.is_empty() {
+                            let canned =
+                                CANNED_RESPONSES[usize::from(b.u8()) % CANNED_RESPONSES.len()];
+                            queued.extend_from_slice(canned);
+                        }
+                    }
+                    // The origin sends fuzzer bytes.
+                    1 => {
+                        let len = usize::from(b.u8());
+                        queued.extend_from_slice(b.take(len));
+                    }
+                    // The origin closes (once what it sent is read).
+                    2 => {}
+                    _ => {
+                        queued.clear();
+                        let r = Err(refused());
+                        self.core.on_backend(now, k, BackendEvent::Received(r));
+                        self.take_actions();
+                        return;
+                    }
                 }
-                1 => {
-                    let len = usize::from(b.u8());
-                    let data = b.take(len).to_vec();
-                    self.core
-                        .on_backend(now, k, BackendEvent::Received(Ok(&data)));
-                }
-                2 => self
-                    .core
-                    .on_backend(now, k, BackendEvent::Received(Ok(&[]))),
-                _ => self
-                    .core
-                    .on_backend(now, k, BackendEvent::Received(Err(refused()))),
-            },
+                let n = queued.len().min(max);
+                let data: Vec<u8> = queued.drain(..n).collect();
+                self.core
+                    .on_backend(now, k, BackendEvent::Received(Ok(&data)));
+            }
         }
         self.take_actions();
+    }
+
+    fn send_request(&mut self, fields: &[quiche::h3::Header], fin: bool) {
+        let Some(h3) = self.h3.as_mut() else { return };
+        if let Ok(sid) = h3.send_request(&mut self.client, fields, fin) {
+            self.streams.push(sid);
+            self.next_raw_stream = self.next_raw_stream.max(sid + 4);
+        }
     }
 
     fn stream(&self, sel: u8) -> Option<u64> {
@@ -1242,14 +1272,4 @@ pub fn session(data: &[u8]) {
     s.core.shutdown(s.now, Duration::ZERO);
     s.core.on_timer(s.now);
     s.pump();
-}
-
-impl Session {
-    fn send_request(&mut self, fields: &[quiche::h3::Header], fin: bool) {
-        let Some(h3) = self.h3.as_mut() else { return };
-        if let Ok(sid) = h3.send_request(&mut self.client, fields, fin) {
-            self.streams.push(sid);
-            self.next_raw_stream = self.next_raw_stream.max(sid + 4);
-        }
-    }
 }
