@@ -226,15 +226,17 @@ impl Core {
         }
         let mut h3_config = quiche::h3::Config::new().map_err(|e| format!("h3 config: {e}"))?;
         h3_config.set_max_field_section_size(64 * 1024);
-        let max_conns: usize = config.frontends.iter().map(|f| f.max_connections).sum();
-        let max_streams: usize = config
+        // Saturating: the limits come from the configuration (found by the config fuzzer).
+        let max_conns: usize = config
             .frontends
             .iter()
-            .map(|f| {
-                f.max_connections
-                    .saturating_mul(f.max_concurrent_streams as usize)
-            })
-            .sum();
+            .fold(0usize, |a, f| a.saturating_add(f.max_connections));
+        let max_streams: usize =
+            config.frontends.iter().fold(0usize, |a, f| {
+                a.saturating_add(f.max_connections.saturating_mul(
+                    usize::try_from(f.max_concurrent_streams).unwrap_or(usize::MAX),
+                ))
+            });
         let servers = config
             .backends
             .iter()
@@ -640,5 +642,18 @@ impl Core {
             streams + bconns,
             "budget accounting out of sync"
         );
+    }
+}
+
+impl Drop for Core {
+    /// A core dropped with requests in flight (a worker that failed, a test, the fuzzer) gives
+    /// their buffers back so the budget's own checks hold to the end (found by the session
+    /// fuzzer).
+    fn drop(&mut self) {
+        for sk in self.streams.keys() {
+            if let Some(s) = self.streams.get_mut(sk) {
+                s.release_buffers(&mut self.pool);
+            }
+        }
     }
 }

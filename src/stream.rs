@@ -108,6 +108,15 @@ impl Stream {
     pub(crate) fn response_buffered(&self) -> usize {
         self.from_backend.len() + self.body_out.len()
     }
+    /// Returns every chunk the stream holds to the pool.
+    pub(crate) fn release_buffers(&mut self, pool: &mut crate::budget::Pool) {
+        self.to_backend.clear(pool);
+        self.body_out.clear(pool);
+        pool.release(std::mem::take(&mut self.from_chunks));
+        if let Some(w) = self.wait.as_mut() {
+            pool.release(std::mem::take(&mut w.reserved));
+        }
+    }
     pub(crate) fn body_out_chunks(&self) -> usize {
         self.body_out.chunks()
     }
@@ -887,12 +896,7 @@ impl Core {
         let Some(mut s) = self.streams.remove(sk) else {
             return;
         };
-        s.to_backend.clear(&mut self.pool);
-        s.body_out.clear(&mut self.pool);
-        self.pool.release(s.from_chunks);
-        if let Some(w) = s.wait {
-            self.pool.release(w.reserved);
-        }
+        s.release_buffers(&mut self.pool);
         if let Some(c) = self.conns.get_mut(s.conn) {
             if c.streams.get(&s.id) == Some(&sk) {
                 c.streams.remove(&s.id);
