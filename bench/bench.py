@@ -25,9 +25,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release")
+# Honour CARGO_TARGET_DIR like cargo does (relative paths are relative to the repository root,
+# where bench/run builds).
+BIN = os.path.join(os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target"), "release")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # name, description, h3load arguments, path; durations in seconds.
@@ -57,7 +60,19 @@ QUICK = {
     "idle": dict(desc="1000 idle connections held 3 s",
                  args=["-c", "1000", "--idle", "3", "--timeout", "30"], path="/1k"),
 }
-ORDER = ["small", "large", "upload", "latency", "idle"]
+# gso and memory have their own runners (run_gso, run_memory) and result files.
+FULL["gso"] = dict(desc="10 MiB GETs, h3gate only, GSO/GRO on/off x workers 1/2, "
+                        "8 connections x 1 stream, 10 s each",
+                   args=["-c", "8", "-m", "1", "-d", "10"], path="/10m")
+QUICK["gso"] = dict(desc="10 MiB GETs, h3gate only, GSO/GRO on/off x workers 1/2, "
+                         "8 connections x 1 stream, 3 s each",
+                    args=["-c", "8", "-m", "1", "-d", "3"], path="/10m")
+FULL["memory"] = QUICK["memory"] = dict(
+    desc="RSS under 200 concurrent 4 MiB uploads (h3get --connections 40 -n 5) to an origin "
+         "answering 2 s after the body",
+    args=["--connections", "40", "-n", "5", "--data-size", "4194304"], path="/slow/2000")
+ORDER = ["small", "large", "upload", "latency", "idle", "gso", "memory"]
+EXTRA = ("gso", "memory")
 
 
 def log(msg):
@@ -188,6 +203,7 @@ def h3load(args, timeout):
 
 class Proxy:
     name = "?"
+    ready_path = "/1k"
 
     def __init__(self, env):
         self.env = env
@@ -202,7 +218,7 @@ class Proxy:
         while time.monotonic() < end:
             if not self.child.alive():
                 raise RuntimeError(f"{self.name} exited at start:\n{self.child.tail()}")
-            res, err = h3load(["-c", "1", "-n", "1", "--timeout", "1", self.url("/1k")], 10)
+            res, err = h3load(["-c", "1", "-n", "1", "--timeout", "1", self.url(self.ready_path)], 10)
             if res and res["ok"]:
                 return
             last = err
@@ -218,16 +234,20 @@ class Proxy:
 class H3gate(Proxy):
     name = "h3gate"
 
-    def start(self, e):
+    def start(self, e, workers=None, glob="", front="", origin_port=None, stats_port=None):
+        """glob/front: extra lines (already indented) for the global and frontend sections."""
         self.port = free_port()
+        workers = workers or e["workers"]
+        origin_port = origin_port or e["origin_port"]
+        stats = f"stats\n    bind 127.0.0.1:{stats_port}\n" if stats_port else ""
         conf = os.path.join(e["dir"], "h3gate.conf")
         with open(conf, "w") as f:
             # As root h3gate wants to be told which user to run as; the bench keeps root (the
             # files it reads live in a private temporary directory).
             user = "    user root\n" if os.geteuid() == 0 else ""
             f.write(f"""global
-    workers {e['workers']}
-{user}defaults
+    workers {workers}
+{glob}{user}defaults
     timeout connect 5s
     timeout server 30s
     timeout client 30s
@@ -238,9 +258,9 @@ frontend bench
     key {e['key']}
     default_backend origin
     max-connections 20000
-backend origin
-    server nginx 127.0.0.1:{e['origin_port']}
-""")
+{front}backend origin
+    server nginx 127.0.0.1:{origin_port}
+{stats}""")
         # warn: no per-request access lines (Caddy logs none by default either).
         self.child = Child("h3gate", [os.path.join(BIN, "h3gate"), "run", "-c", conf, "-l", "warn"],
                            os.path.join(e["dir"], "h3gate.log"))
@@ -250,8 +270,9 @@ backend origin
 class Caddy(Proxy):
     name = "Caddy"
 
-    def start(self, e):
+    def start(self, e, origin_port=None):
         self.port = free_port()
+        origin_port = origin_port or e["origin_port"]
         home = os.path.join(e["dir"], "caddy-home")
         os.makedirs(home, exist_ok=True)
         conf = os.path.join(e["dir"], "Caddyfile")
@@ -268,7 +289,7 @@ class Caddy(Proxy):
 
 https://localhost:{self.port}, https://127.0.0.1:{self.port} {{
 	tls {e['cert']} {e['key']}
-	reverse_proxy 127.0.0.1:{e['origin_port']} {{
+	reverse_proxy 127.0.0.1:{origin_port} {{
 		# Caddy keeps 32 idle origin connections per host by default: at these
 		# concurrencies it would open a new origin connection for most requests
 		# (about 30 % more CPU per request). h3gate keeps its pool, so Caddy gets one too.
@@ -518,6 +539,265 @@ def targets(results):
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- gso (issue #3)
+
+def scrape(port):
+    """Sums h3gate's /metrics counters over workers: {family: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, val = line.rsplit(" ", 1)
+        fam = key.split("{", 1)[0]
+        try:
+            out[fam] = out.get(fam, 0) + float(val)
+        except ValueError:
+            pass
+    return out
+
+
+GSO_COMBOS = [(1, True), (1, False), (2, True), (2, False)]  # (workers, gso+gro on)
+
+
+def run_gso(e, sc):
+    """h3gate only: the large download with GSO/GRO on and off, workers 1 and 2. Returns rows."""
+    rows = []
+    for workers, on in GSO_COMBOS:
+        sw = "on" if on else "off"
+        label = f"workers {workers}, gso/gro {sw}"
+        log(f"gso: h3gate {label} ({sc['desc']})")
+        p = H3gate(e)
+        stats_port = free_port()
+        row = {"workers": workers, "gso": sw}
+        try:
+            p.start(e, workers=workers, glob=f"    gso {sw}\n    gro {sw}\n", stats_port=stats_port)
+            pid = p.child.pid
+            time.sleep(0.3)  # a metrics publish after the readiness probe
+            m0, cpu0 = scrape(stats_port), proc_cpu(pid)
+            args = sc["args"] + ["-t", str(e["threads"]), p.url(sc["path"])]
+            res, err = h3load(args, timeout=e["run_timeout"])
+            cpu1 = proc_cpu(pid) if p.child.alive() else None
+            time.sleep(0.6)  # workers publish every 250 ms
+            m1 = scrape(stats_port) if p.child.alive() else {}
+            alive = p.child.alive()
+            tail = p.child.tail(20)
+        except (RuntimeError, OSError) as ex:
+            row["problem"] = str(ex)
+            p.stop()
+            rows.append(row)
+            continue
+        p.stop()
+        if not alive:
+            row["problem"] = f"h3gate died during the run; its log:\n{tail}"
+        if res is None:
+            row["problem"] = row.get("problem", "") + f"\nh3load gave no result: {err}"
+            rows.append(row)
+            continue
+        if not res["ok"]:
+            row["problem"] = (f"h3load reported failures: {res['failed']} failed, "
+                              f"{res['non_2xx']} non-2xx\n{err.strip()}")
+        el = res["elapsed_s"] or 1
+        row.update(res=res, gbps=res["gbps"], rps=res["rps"],
+                   cpu_s=(cpu1 - cpu0) if cpu1 is not None else None)
+        if m1:
+            dg = m1.get("h3gate_datagrams_sent_total", 0) - m0.get("h3gate_datagrams_sent_total", 0)
+            gb = m1.get("h3gate_gso_batches_total", 0) - m0.get("h3gate_gso_batches_total", 0)
+            row.update(dgram_s=dg / el, batches=gb, dgrams=dg,
+                       gso_disabled=m1.get("h3gate_gso_disabled_total", 0))
+        log(f"  {res['done']} done, {res['gbps']:.3f} Gbps, {res['rps']:.1f} req/s, "
+            f"{fmt_num(row.get('dgram_s'))} datagrams/s, CPU {fmt_num(row.get('cpu_s'))} s, "
+            f"{fmt_num(row.get('batches'))} GSO batches")
+        rows.append(row)
+    return rows
+
+
+def gso_table(sc, rows):
+    out = [f"### gso: {sc['desc']}", "",
+           "| workers | gso/gro | Gbps | req/s | datagrams sent/s | proxy CPU-s | "
+           "GB per proxy CPU-s | GSO batches | datagrams per batch |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        cpu, g = r.get("cpu_s"), r.get("gbps")
+        per_cpu = r["res"]["bytes_in"] / 1e9 / cpu if cpu and r.get("res") else None
+        per_batch = r["dgrams"] / r["batches"] if r.get("batches") else None
+        out.append(f"| {r['workers']} | {r['gso']} | {fmt_num(g)} | {fmt_num(r.get('rps'))} | "
+                   f"{fmt_num(r.get('dgram_s'))} | {fmt_num(cpu)} | {fmt_num(per_cpu)} | "
+                   f"{fmt_num(r.get('batches'))} | {fmt_num(per_batch)} |")
+    out += ["", "Datagrams and GSO batches are the proxy's own counters (`h3gate_datagrams_sent_total`, "
+            "`h3gate_gso_batches_total` from its `/metrics`, summed over workers) over the load; "
+            "datagrams/s divides by h3load's run time. With GSO on, one batch is one sendmsg carrying "
+            "several datagrams; with it off there are none. Proxy CPU-s is utime+stime from "
+            "/proc/PID/stat around the load (all workers)."]
+    for r in rows:
+        if r.get("res"):
+            res = r["res"]
+            out.append("")
+            out.append(f"workers {r['workers']}, gso/gro {r['gso']}: h3load busiest thread "
+                       f"{res['max_thread_cpu_pct']:.0f}% of a core"
+                       + (" — **SATURATED: the client may be the limit**" if res["saturated"] else "")
+                       + f"; status {json.dumps(res['status'])}"
+                       + (f"; gso_disabled {r['gso_disabled']:.0f}" if r.get("gso_disabled") else ""))
+        if r.get("problem"):
+            out.append("")
+            out.append(f"**workers {r['workers']}, gso/gro {r['gso']}: PROBLEM**: "
+                       + r["problem"].strip().replace("\n", "<br>"))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- memory (issue #5)
+
+def start_slow_origin(e):
+    """tools/origin (thread per connection): /slow/MS reads the whole body, then answers after MS."""
+    port = free_port()
+    child = Child("origin", [os.path.join(BIN, "origin"), "--listen", f"127.0.0.1:{port}", "-q"],
+                  os.path.join(e["dir"], "origin.log"))
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        if not child.alive():
+            raise RuntimeError(f"origin exited:\n{child.tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return child, port
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("origin did not start listening")
+
+
+MEM_REQUESTS = 200  # --connections 40 x -n 5
+
+
+def run_memory(e, sc, quick):
+    """Both proxies: RSS every 100 ms under 200 concurrent 4 MiB uploads. Returns {proxy: result}."""
+    origin, port = start_slow_origin(e)
+    out = {}
+    try:
+        proxies = [H3gate(e), Caddy(e)]
+        for p in proxies:
+            log(f"memory: {p.name} ({sc['desc']})")
+            p.ready_path = "/bytes/1024"
+            m = {}
+            try:
+                if isinstance(p, H3gate):
+                    p.start(e, workers=2, glob="    max-memory 64m\n",
+                            front="    http-request wait-for-body time 5s at-least 1m\n",
+                            origin_port=port)
+                else:
+                    p.start(dict(e, workers=2), origin_port=port)  # GOMAXPROCS=2, as h3gate's 2 workers
+            except RuntimeError as ex:
+                p.stop()
+                out[p.name] = {"problem": str(ex)}
+                continue
+            pid = p.child.pid
+            sampler = RssSampler(pid, 0.1)
+            sampler.start()
+            time.sleep(1.0)
+            t0 = time.monotonic()
+            argv = [os.path.join(BIN, "h3get")] + sc["args"] + [
+                "--sha256", "--quiet", "--insecure", "--timeout", "120", p.url(sc["path"])]
+            try:
+                r = subprocess.run(argv, capture_output=True, timeout=180, stdin=subprocess.DEVNULL)
+                stdout, stderr, rc = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace"), r.returncode
+            except subprocess.TimeoutExpired as ex:
+                stdout = (ex.stdout or b"").decode(errors="replace")
+                stderr = "h3get timed out\n" + (ex.stderr or b"").decode(errors="replace")
+                rc = None
+            t1 = time.monotonic()
+            time.sleep(2.0)
+            alive = p.child.alive()
+            final = proc_kib(pid, "VmRSS") if alive else None
+            sampler.stop()
+            tail = p.child.tail(20)
+            p.stop()
+            statuses = {}
+            for line in stdout.splitlines():
+                if line.startswith("status="):
+                    st = line.split()[0].split("=", 1)[1]
+                    statuses[st] = statuses.get(st, 0) + 1
+            ok = sum(v for k, v in statuses.items() if k.startswith("2"))
+            s503 = statuses.get("503", 0)
+            other = sum(statuses.values()) - ok - s503
+            base = [k for (t, k) in sampler.samples if t < t0]
+            m = dict(samples=[(t - t0, k / 1024) for (t, k) in sampler.samples],
+                     base_mib=(base[-1] if base else sampler.samples[0][1]) / 1024 if sampler.samples else None,
+                     peak_mib=max(k for _, k in sampler.samples) / 1024 if sampler.samples else None,
+                     final_mib=final / 1024 if final is not None else None,
+                     ok=ok, s503=s503, other=other,
+                     failed=MEM_REQUESTS - sum(statuses.values()), load_s=t1 - t0, rc=rc,
+                     statuses=statuses)
+            if not alive:
+                m["problem"] = f"{p.name} died during the run; its log:\n{tail}"
+            errs = [ln for ln in stderr.splitlines() if ln.strip()]
+            if errs:
+                m["h3get_err"] = errs[:3] + ([f"... {len(errs) - 3} more lines"] if len(errs) > 3 else [])
+            log(f"  RSS {fmt_num(m['base_mib'])} -> peak {fmt_num(m['peak_mib'])} -> "
+                f"{fmt_num(m['final_mib'])} MiB; 2xx {ok}, 503 {s503}, other {other}, "
+                f"failed {m['failed']}; load {m['load_s']:.1f} s")
+            out[p.name] = m
+    finally:
+        origin.stop()
+    return out
+
+
+def memory_table(sc, res):
+    out = [f"### memory: {sc['desc']}", ""]
+    for who in ("h3gate", "Caddy"):
+        m = res.get(who, {})
+        conf = ("`workers 2`, `max-memory 64m`, frontend `http-request wait-for-body time 5s "
+                "at-least 1m`" if who == "h3gate" else
+                "plain `reverse_proxy`, GOMAXPROCS=2; Caddy has no wait-for-body "
+                "and no memory budget, it streams each body to the origin as it arrives")
+        out += [f"#### {who}: {conf}", "",
+                "| baseline RSS (MiB) | peak RSS (MiB) | final RSS, 2 s after the load (MiB) | "
+                "2xx | 503 | other status | failed | load time (s) |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        if "samples" in m:
+            out.append(f"| {fmt_num(m['base_mib'])} | {fmt_num(m['peak_mib'])} | "
+                       f"{fmt_num(m['final_mib'])} | {m['ok']} | {m['s503']} | {m['other']} | "
+                       f"{m['failed']} | {m['load_s']:.1f} |")
+        else:
+            out.append("| n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
+        if m.get("h3get_err"):
+            out += ["", "h3get stderr: " + "<br>".join(x.replace("|", "\\|") for x in m["h3get_err"])]
+        if m.get("problem"):
+            out += ["", f"**{who}: PROBLEM**: " + m["problem"].strip().replace("\n", "<br>")]
+        out.append("")
+    out.append("Load: `h3get --connections 40 -n 5 --data-size 4194304 --sha256 --quiet` (200 "
+               "concurrent 4 MiB POSTs) to `tools/origin` `/slow/2000`, which reads the whole body "
+               "and answers 2 s later. RSS is VmRSS from /proc/PID/status every 100 ms; baseline is "
+               "the last sample before the load, final is 2 s after h3get exited. failed = "
+               "requests without a response line. Plot: `memory.png`.")
+    return "\n".join(out)
+
+
+def memory_plot(res, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("memory: matplotlib missing (pip install matplotlib): no plot")
+        return False
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for who, color in (("h3gate", "tab:blue"), ("Caddy", "tab:orange")):
+        m = res.get(who, {})
+        if m.get("samples"):
+            xs, ys = zip(*m["samples"])
+            ax.plot(xs, ys, label=f"{who} (peak {m['peak_mib']:.0f} MiB)", color=color)
+            ax.axvline(m["load_s"], color=color, linestyle=":", linewidth=1)
+    ax.set_xlabel("time since the load started (s); dotted: load ended")
+    ax.set_ylabel("RSS (MiB)")
+    ax.set_title("Proxy RSS, 200 concurrent 4 MiB uploads (h3gate max-memory 64m)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 def version(argv):
     try:
         return subprocess.run(argv, capture_output=True, timeout=10).stdout.decode().strip().splitlines()[0]
@@ -531,7 +811,8 @@ def main():
     ap.add_argument("--workers", type=int, default=1,
                     help="h3gate workers = Caddy GOMAXPROCS (default 1)")
     ap.add_argument("--threads", type=int, default=1, help="h3load threads (default 1)")
-    ap.add_argument("--only", default="", help="comma-separated scenarios (default: all)")
+    ap.add_argument("--only", default="",
+                    help="comma-separated scenarios (default: all): " + ",".join(ORDER))
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "latest.md"),
                     help="markdown result file (default bench/results/latest.md)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -540,6 +821,8 @@ def main():
     names = [n for n in ORDER if not a.only or n in a.only.split(",")]
     if not names:
         ap.error(f"--only: pick from {','.join(ORDER)}")
+    std = [n for n in names if n not in EXTRA]
+    extra = {}
     command = "bench/run" + "".join(" " + shlex.quote(x) for x in sys.argv[1:])
 
     def on_signal(signum, _frame):
@@ -557,7 +840,7 @@ def main():
     try:
         origin = start_origin(e)
         proxies = [H3gate(e), Caddy(e)]
-        for k, name in enumerate(names):
+        for k, name in enumerate(std):
             sc = scen[name]
             # Longest a run may take: its own length, handshakes, drain, margin.
             length = 0
@@ -590,6 +873,29 @@ def main():
                         f"{r['latency_ms']['p99']} ms, proxy CPU {m.get('cpu_s', 0):.2f} s, "
                         f"h3load busiest thread {r['max_thread_cpu_pct']:.0f}%")
             print(table(name, sc, results) + "\n", flush=True)
+        if "gso" in names:
+            sc = scen["gso"]
+            e["run_timeout"] = float(sc["args"][sc["args"].index("-d") + 1]) + 90
+            rows = run_gso(e, sc)
+            extra["gso"] = gso_table(sc, rows)
+            print(extra["gso"] + "\n", flush=True)
+            for r in rows:
+                if r.get("problem"):
+                    problems.append(f"gso/workers {r['workers']} gso {r['gso']}: {r['problem']}")
+        if "memory" in names:
+            sc = scen["memory"]
+            mres = run_memory(e, sc, a.quick)
+            extra["memory"] = memory_table(sc, mres)
+            plot = os.path.join(os.path.dirname(a.out), "memory.png")
+            os.makedirs(os.path.dirname(plot), exist_ok=True)
+            if memory_plot(mres, plot):
+                log(f"wrote {plot}")
+            else:
+                extra["memory"] += "\n\n(no plot: matplotlib is not installed)"
+            print(extra["memory"] + "\n", flush=True)
+            for who, m in mres.items():
+                if m.get("problem"):
+                    problems.append(f"memory/{who}: {m['problem']}")
     except KeyboardInterrupt as ex:
         problems.append(f"interrupted ({ex})")
         log(f"interrupted ({ex})")
@@ -615,16 +921,44 @@ def main():
         "Ratios are h3gate/Caddy.",
         "",
     ]
-    body = [table(n, scen[n], results) for n in names]
-    md = "\n".join(head) + "\n" + "\n\n".join(body) + "\n\n" + targets(results) + "\n"
+    body = [table(n, scen[n], results) for n in std]
+    probs = ""
     if problems:
-        md += "\n### Problems\n\n" + "\n".join(
+        probs = "\n### Problems\n\n" + "\n".join(
             "- " + p.strip().replace("\n", "<br>") for p in problems) + "\n"
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write(md)
-    print(targets(results))
-    log(f"wrote {a.out} ({total:.0f} s)")
+    outdir = os.path.dirname(a.out) or "."
+    os.makedirs(outdir, exist_ok=True)
+    refs = ("gso and memory scenarios (`bench/run --only gso,memory`): see [gso.md](gso.md) and "
+            "[memory.md](memory.md).")
+    if std:
+        md = "\n".join(head) + "\n" + "\n\n".join(body) + "\n\n" + targets(results) + "\n"
+        md += "\n" + refs + "\n" + probs
+        with open(a.out, "w") as f:
+            f.write(md)
+        print(targets(results))
+        log(f"wrote {a.out} ({total:.0f} s)")
+    elif os.path.exists(a.out):
+        # Only gso/memory ran: keep the other tables, make sure they are referenced.
+        with open(a.out) as f:
+            cur = f.read()
+        if "gso.md" not in cur:
+            with open(a.out, "a") as f:
+                f.write("\n" + refs + "\n")
+    for n, text in extra.items():
+        what = ("h3gate only, `gso on|off` + `gro on|off` in `global`" if n == "gso" else
+                f"h3gate (`workers 2`) and Caddy {version(['caddy', 'version']).split()[0]}")
+        md = "\n".join([
+            f"## {n}", "",
+            f"Made by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: "
+            f"{os.cpu_count()} cores, Linux {platform.release()}, h3gate "
+            f"{version(['git', '-C', ROOT, 'describe', '--always', '--dirty'])}, {what}, origin "
+            + ("nginx `/10m`" if n == "gso" else "`tools/origin`")
+            + ". Everything shares the same cores over loopback: read ratios, not absolute numbers.",
+            "", text, ""]) + probs
+        path = os.path.join(outdir, f"{n}.md")
+        with open(path, "w") as f:
+            f.write(md)
+        log(f"wrote {path}")
     if a.keep:
         log(f"kept {d}")
     else:
