@@ -190,6 +190,8 @@ pub struct Core {
     pub(crate) refusing: bool,
     /// The budget was more than half used since the last trim hint.
     budget_was_high: bool,
+    /// Connections existed since the last trim hint.
+    had_conns: bool,
     pub(crate) scratch: Vec<u8>,
 
     pub(crate) drain_deadline: Option<Instant>,
@@ -288,6 +290,7 @@ impl Core {
             refusing: false,
             budget_blocked: Vec::new(),
             budget_was_high: false,
+            had_conns: false,
             scratch: vec![0u8; 64 * 1024],
             drain_deadline: None,
             hard_stop: false,
@@ -359,9 +362,9 @@ impl Core {
         }
     }
 
-    /// True once after a load peak has passed (budget back under 1/8 after exceeding 1/2): the
-    /// worker then asks the allocator to return freed memory to the kernel (`malloc_trim`), so
-    /// RSS follows the budget down instead of staying at the peak.
+    /// True once after a load peak has passed (budget back under 1/8 after exceeding 1/2, or the
+    /// last connection gone): the worker then asks the allocator to return freed memory to the
+    /// kernel (`malloc_trim`), so RSS follows the load down instead of staying at the peak.
     pub fn take_trim_hint(&mut self) -> bool {
         let used = self.pool.used_bytes();
         let cap = self.pool.capacity_bytes();
@@ -370,6 +373,13 @@ impl Core {
         }
         if self.budget_was_high && used * 8 < cap {
             self.budget_was_high = false;
+            return true;
+        }
+        // The worker went idle after traffic: quiche's per-connection memory (not in the pool)
+        // was freed too, so hand it back as well.
+        if !self.conns.is_empty() {
+            self.had_conns = true;
+        } else if std::mem::take(&mut self.had_conns) {
             return true;
         }
         false

@@ -32,6 +32,11 @@ const RECV_BUF: usize = 65536;
 const RECV_SLOTS_PER_SOCKET: usize = 32;
 /// Upper bound on datagrams in flight to the kernel; beyond it the loop waits for completions.
 const MAX_SEND_SLOTS: usize = 1024;
+/// Free send slots kept for reuse; beyond it returned slots are freed, so a burst does not pin
+/// its peak memory.
+const SEND_SLOTS_KEPT: usize = 64;
+/// A send slot holds one GSO batch: 16 segments (worker.rs) of at most 1500 bytes.
+const SEND_SLOT_BYTES: usize = 16 * 1500;
 const TCP_RECV_BUF: usize = 64 * 1024;
 
 /// Receives the events the ring produces. Implemented by the worker on top of the core.
@@ -245,8 +250,7 @@ impl Ring {
         }
         self.send_slots += 1;
         Some(Box::new(SendSlot {
-            // Room for a full GSO batch (a UDP payload is at most 65507 bytes over IPv4).
-            buf: vec![0u8; 65507],
+            buf: vec![0u8; SEND_SLOT_BYTES],
             // SAFETY: all-zero is a valid value for these plain C structs.
             iov: unsafe { mem::zeroed() },
             addr: unsafe { mem::zeroed() },
@@ -257,14 +261,22 @@ impl Ring {
     }
 
     pub fn return_slot(&mut self, slot: Box<SendSlot>) {
-        self.send_free.push(slot);
+        self.keep_slot(slot);
+    }
+
+    fn keep_slot(&mut self, slot: Box<SendSlot>) {
+        if self.send_free.len() < SEND_SLOTS_KEPT {
+            self.send_free.push(slot);
+        } else {
+            self.send_slots -= 1;
+        }
     }
 
     /// Sends `t.len` bytes of `slot.buf` to `t.to` from the listener's socket.
     pub fn send(&mut self, mut slot: Box<SendSlot>, t: Transmit) {
         let Some((fd, wildcard)) = self.listeners.get(t.listener).map(|l| (l.fd, l.wildcard()))
         else {
-            self.send_free.push(slot);
+            self.keep_slot(slot);
             return;
         };
         let mut enc = cmsg::Encoder::new(&mut slot.control);
@@ -303,7 +315,7 @@ impl Ring {
         if self.push(sqe).is_err() {
             // Never submitted: take the slot back. QUIC loss recovery resends the packet.
             if let Some(Op::UdpSend { slot }) = self.ops.remove(key) {
-                self.send_free.push(slot);
+                self.keep_slot(slot);
             }
             self.stats.udp_send_errors += 1;
         }
@@ -594,7 +606,7 @@ impl Ring {
                         h.gso_failed();
                     }
                 }
-                self.send_free.push(slot);
+                self.keep_slot(slot);
             }
             Op::TcpConnect { owner, .. } => {
                 if self.op_done(owner) {
