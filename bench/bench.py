@@ -32,6 +32,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # where bench/run builds).
 BIN = os.path.join(os.path.join(ROOT, os.environ.get("CARGO_TARGET_DIR") or "target"), "release")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# H3GATE_BIN=/path/to/h3gate runs that binary instead of the one just built (e.g. an older
+# commit, to compare); the tools (h3load, h3get, origin) still come from BIN.
+H3GATE = os.environ.get("H3GATE_BIN") or os.path.join(BIN, "h3gate")
 
 # name, description, h3load arguments, path; durations in seconds.
 FULL = {
@@ -262,7 +265,7 @@ frontend bench
     server nginx 127.0.0.1:{origin_port}
 {stats}""")
         # warn: no per-request access lines (Caddy logs none by default either).
-        self.child = Child("h3gate", [os.path.join(BIN, "h3gate"), "run", "-c", conf, "-l", "warn"],
+        self.child = Child("h3gate", [H3GATE, "run", "-c", conf, "-l", "warn"],
                            os.path.join(e["dir"], "h3gate.log"))
         self.wait_ready()
 
@@ -604,6 +607,7 @@ def run_gso(e, sc):
         if m1:
             dg = m1.get("h3gate_datagrams_sent_total", 0) - m0.get("h3gate_datagrams_sent_total", 0)
             gb = m1.get("h3gate_gso_batches_total", 0) - m0.get("h3gate_gso_batches_total", 0)
+            dg, gb = int(dg), int(gb)
             row.update(dgram_s=dg / el, batches=gb, dgrams=dg,
                        gso_disabled=m1.get("h3gate_gso_disabled_total", 0))
         log(f"  {res['done']} done, {res['gbps']:.3f} Gbps, {res['rps']:.1f} req/s, "
@@ -759,7 +763,7 @@ def memory_table(sc, res):
         else:
             out.append("| n/a | n/a | n/a | n/a | n/a | n/a | n/a | n/a |")
         if m.get("h3get_err"):
-            out += ["", "h3get stderr: " + "<br>".join(x.replace("|", "\\|") for x in m["h3get_err"])]
+            out += ["", "h3get (stderr): " + "<br>".join(x.replace("|", "\\|") for x in m["h3get_err"])]
         if m.get("problem"):
             out += ["", f"**{who}: PROBLEM**: " + m["problem"].strip().replace("\n", "<br>")]
         out.append("")
@@ -796,6 +800,13 @@ def memory_plot(res, path):
     fig.savefig(path)
     plt.close(fig)
     return True
+
+
+def h3gate_version():
+    """The commit the h3gate binary says it was built from (its startup log line), else git's."""
+    if os.environ.get("H3GATE_BIN"):
+        return f"{H3GATE} (H3GATE_BIN)"
+    return version(['git', '-C', ROOT, 'describe', '--always', '--dirty'])
 
 
 def version(argv):
@@ -909,7 +920,7 @@ def main():
         "",
         f"Made by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC "
         f"in {total:.0f} s: {os.cpu_count()} cores, Linux {platform.release()}, "
-        f"h3gate {version(['git', '-C', ROOT, 'describe', '--always', '--dirty'])} "
+        f"h3gate {h3gate_version()} "
         f"(`workers {a.workers}`), Caddy {version(['caddy', 'version']).split()[0]} "
         f"(GOMAXPROCS={a.workers}), origin nginx, h3load -t {a.threads}. Everything shares "
         "the same cores over loopback, so read ratios, not absolute numbers; a run on a busy "
@@ -951,7 +962,7 @@ def main():
             f"## {n}", "",
             f"Made by `{command}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC: "
             f"{os.cpu_count()} cores, Linux {platform.release()}, h3gate "
-            f"{version(['git', '-C', ROOT, 'describe', '--always', '--dirty'])}, {what}, origin "
+            f"{h3gate_version()}, {what}, origin "
             + ("nginx `/10m`" if n == "gso" else "`tools/origin`")
             + ". Everything shares the same cores over loopback: read ratios, not absolute numbers.",
             "", text, ""]) + probs
