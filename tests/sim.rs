@@ -1,0 +1,504 @@
+//! Deterministic simulation of one worker (issue #8): the sans-IO core driven with no sockets.
+//!
+//! In-process quiche clients talk to `h3gate::core::Core` through an in-memory network that
+//! loses, duplicates, delays, reorders and corrupts datagrams, splits GSO batches and rebinds
+//! client ports (NAT); a scripted backend plays the ring and the origin servers (normal, slow,
+//! reset mid-body, early close, invalid chunk, garbage head, never answering, refusing or
+//! black-holing connects, closing idle keep-alive connections). After every step the core's own
+//! cross-table checks run, plus the harness's: the ring contract (no action for a dead key but
+//! Close, one Send and one Recv in flight per socket, no request pipelined or sent after
+//! `connection: close`), requests well-formed at the origin with exactly the uploaded body, every
+//! response that completes carrying exactly the origin's bytes (sha256 and length), every request
+//! ending within a bound, only the answers the scenario allows (a 504 only if an origin hangs or
+//! black-holes, a reset only if the origin broke the body or the run is shutting down…). At the
+//! end of each run, after the clients closed and `core.shutdown()` drained, `core.live()` is
+//! (0, 0, 0) and every backend socket the core opened was closed.
+//!
+//! Environment: `SIM_SEED=N` runs seed N alone (its trace is printed on failure, add
+//! `--nocapture`); `SIM_SEEDS=N` runs N seeds (default 1000) from `SIM_FIRST` (default 0);
+//! `SIM_THREADS` sets the parallelism (runs mostly sleep on real-time timers, see sim/world.rs,
+//! which also says what "deterministic" covers); `SIM_LOG=debug` turns on h3gate's logger,
+//! `SIM_TRACE_PACKETS=1` adds every datagram to the trace.
+//!
+//! Known core bugs the simulation found are listed at the end of this file; the CI run
+//! (`Knobs::CI`) leaves out the scenario features that hit them, and the `#[ignore]`d tests
+//! reproduce each one.
+
+#[path = "sim/client.rs"]
+mod client;
+#[path = "sim/net.rs"]
+mod net;
+#[path = "sim/origin.rs"]
+mod origin;
+#[path = "sim/rng.rs"]
+mod rng;
+#[path = "sim/scenario.rs"]
+mod scenario;
+#[path = "sim/world.rs"]
+mod world;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use scenario::{Behaviour, Framing, Knobs, ReqPlan, Response, Scenario};
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+fn init_log() {
+    if let Ok(level) = std::env::var("SIM_LOG") {
+        h3gate::logger::init(&level);
+    }
+}
+
+#[derive(Default)]
+struct Totals {
+    seeds: u64,
+    requests: usize,
+    ok: usize,
+    errors: usize,
+    resets: usize,
+    other: usize,
+    datagrams: u64,
+    lost: u64,
+    backend_connects: u64,
+    slowest: (Duration, u64),
+    most_steps: u64,
+    /// Seeds that failed while the machine starved the loop and then passed on a retry.
+    retried_under_load: Vec<u64>,
+}
+
+/// Runs one seed; a panic in the core (a `debug_assert`, an invariant) is a failure too.
+fn run_one(seed: u64, knobs: &Knobs) -> Result<world::Summary, world::Failure> {
+    match std::panic::catch_unwind(|| world::run(seed, knobs)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            Err(world::Failure {
+                msg: format!(
+                    "seed {seed}: panic: {msg}\nscenario: {}",
+                    Scenario::generate(seed, knobs).describe()
+                ),
+                max_stall: Duration::ZERO,
+            })
+        }
+    }
+}
+
+/// Runs the seeds of the environment (or `default_count` from 0) with `knobs`; panics listing
+/// every failing seed and the command that replays the first.
+fn run_seeds(test: &str, ignored: bool, knobs: Knobs, default_count: u64) {
+    init_log();
+    let (first, count) = match env_u64("SIM_SEED") {
+        Some(s) => (s, 1),
+        None => (
+            env_u64("SIM_FIRST").unwrap_or(0),
+            env_u64("SIM_SEEDS").unwrap_or(default_count),
+        ),
+    };
+    let threads = env_u64("SIM_THREADS")
+        .unwrap_or(4)
+        .clamp(1, 64)
+        .min(count.max(1));
+    let next = AtomicU64::new(first);
+    let end = first + count;
+    let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+    let totals = Mutex::new(Totals::default());
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    return;
+                }
+                let mut result = run_one(seed, &knobs);
+                // A real-time run that failed while starved of CPU is run again (twice at
+                // most); only a failure on an unstarved run, or on every try, counts.
+                let mut retried = false;
+                for _ in 0..2 {
+                    match &result {
+                        Err(f) if f.max_stall > world::STALL => {
+                            retried = true;
+                            result = run_one(seed, &knobs);
+                        }
+                        _ => break,
+                    }
+                }
+                let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
+                t.seeds += 1;
+                if t.seeds % 250 == 0 {
+                    eprintln!(
+                        "sim {test}: {} seeds done, {:.1?}",
+                        t.seeds,
+                        started.elapsed()
+                    );
+                }
+                match result {
+                    Ok(sum) => {
+                        t.requests += sum.requests;
+                        t.ok += sum.ok;
+                        t.errors += sum.errors;
+                        t.resets += sum.resets;
+                        t.other += sum.other;
+                        t.datagrams += sum.datagrams;
+                        t.lost += sum.lost;
+                        t.backend_connects += sum.backend_connects;
+                        t.slowest = t.slowest.max((sum.elapsed, seed));
+                        t.most_steps = t.most_steps.max(sum.steps);
+                        if retried {
+                            t.retried_under_load.push(seed);
+                        }
+                    }
+                    Err(f) => {
+                        drop(t);
+                        failures
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((seed, f.msg));
+                    }
+                }
+            });
+        }
+    });
+    let t = totals.into_inner().unwrap_or_else(|p| p.into_inner());
+    eprintln!(
+        "sim {test}: {count} seeds from {first} in {:.1?} ({threads} threads): {} requests \
+         ({} answered <500, {} 5xx, {} reset, {} other), {} backend connects, {} datagrams \
+         ({} lost); slowest seed {} ({:.1?}), most loop steps {}",
+        started.elapsed(),
+        t.requests,
+        t.ok,
+        t.errors,
+        t.resets,
+        t.other,
+        t.backend_connects,
+        t.datagrams,
+        t.lost,
+        t.slowest.1,
+        t.slowest.0,
+        t.most_steps
+    );
+    if !t.retried_under_load.is_empty() {
+        eprintln!(
+            "sim {test}: passed only on a retry after the machine starved the loop: {:?}",
+            t.retried_under_load
+        );
+    }
+    let mut failures = failures.into_inner().unwrap_or_else(|p| p.into_inner());
+    if failures.is_empty() {
+        return;
+    }
+    failures.sort_by_key(|(s, _)| *s);
+    let flag = if ignored { "--ignored " } else { "" };
+    let shown = if count == 1 { 1 } else { 3 };
+    for (seed, msg) in failures.iter().take(shown) {
+        eprintln!("\n==== seed {seed} failed ====\n{msg}");
+    }
+    eprintln!("\nfailing seeds:");
+    for (_, msg) in &failures {
+        eprintln!("  {}", msg.lines().next().unwrap_or(""));
+    }
+    let seeds: Vec<u64> = failures.iter().map(|(s, _)| *s).collect();
+    let (seed, msg) = &failures[0];
+    let first_line = msg.lines().next().unwrap_or("");
+    panic!(
+        "{} of {count} seeds failed: {seeds:?}\nfirst: {first_line}\n\
+         replay: SIM_SEED={seed} cargo test --test sim {test} -- {flag}--nocapture",
+        failures.len()
+    );
+}
+
+/// Runs a written-out scenario a few times (timing differs from run to run: see world.rs).
+fn run_named(scn: Scenario, runs: usize) {
+    init_log();
+    for _ in 0..runs {
+        let mut r = world::run_scenario(&scn);
+        if matches!(&r, Err(f) if f.max_stall > world::STALL) {
+            r = world::run_scenario(&scn);
+        }
+        if let Err(f) = r {
+            panic!("{}", f.msg);
+        }
+    }
+}
+
+/// The CI run: 1 000 seeds of every feature but those that hit a known bug (see the end).
+#[test]
+fn simulated_seeds() {
+    run_seeds("simulated_seeds", false, Knobs::CI, 1000);
+}
+
+/// The origin resets the connection in the middle of a content-length body: the client must
+/// see the stream reset (or a 502), never a response that ends cleanly with a short body.
+#[test]
+fn origin_reset_mid_body_is_never_a_complete_response() {
+    let mut reqs = Vec::new();
+    for (id, (len, cut)) in [(13912, 6612), (3000, 1), (3000, 0), (70_000, 65_000)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = ReqPlan::get(
+            id,
+            Behaviour::ResetMidBody(Response::ok(len, Framing::Length, id as u64), cut),
+        );
+        r.start_ms = 5 * id as u64;
+        reqs.push(r);
+    }
+    let mut scn = Scenario::simple(2, reqs);
+    scn.net.jitter_ms = 5;
+    scn.net.loss_pm = 10;
+    scn.net.dup_pm = 10;
+    scn.gso_segments = 16;
+    run_named(scn, 3);
+}
+
+/// NAT rebinding mid-download while the old port still delivers (a NAT that keeps both
+/// mappings for a while): the download completes.
+#[test]
+fn nat_rebinding_mid_download_old_port_lingers() {
+    let mut scn = Scenario::simple(
+        3,
+        vec![ReqPlan::get(
+            0,
+            Behaviour::Respond(Response::ok(200_000, Framing::Length, 1)),
+        )],
+    );
+    scn.clients[0].rebind_after = Some(12);
+    scn.clients[0].rebind_drops_old = false;
+    run_named(scn, 3);
+}
+
+/// `timeout server` must not fire once the origin's response is complete, nor while the core
+/// has stopped reading the origin because the client is slow: a client downloading slowly
+/// through a small window keeps its response (fixed in c2f9c96).
+#[test]
+fn server_timeout_does_not_cut_a_slow_download() {
+    let mut scn = Scenario::simple(
+        4,
+        vec![ReqPlan::get(
+            0,
+            Behaviour::Respond(Response::ok(120_000, Framing::Length, 4)),
+        )],
+    );
+    // 16 KiB window read at 100 bytes/ms: about 1.2 s for the body, timeout server 250 ms.
+    scn.clients[0].slow_reader = Some(100);
+    scn.timeout_server_ms = 250;
+    run_named(scn, 1);
+}
+
+/// A client resets its request stream in the middle of an upload with a content-length: the
+/// origin must never get it as a complete request (quiche's FIN at the reset offset can reach
+/// the core first; the content-length is what tells the core the body is short).
+#[test]
+fn client_reset_upload_never_reaches_origin_complete() {
+    let mut reqs = Vec::new();
+    for id in 0..6 {
+        let mut r = ReqPlan::get(
+            id,
+            Behaviour::Respond(Response::ok(100, Framing::Length, 7)),
+        );
+        r.method = "POST";
+        r.upload = Some(scenario::Upload {
+            data: rng::Rng::new(id as u64).bytes(1000 + 20_000 * id),
+            content_length: true,
+        });
+        r.cancel_ms = Some(id as u64 % 3);
+        r.start_ms = 2 * id as u64;
+        reqs.push(r);
+    }
+    let mut scn = Scenario::simple(7, reqs);
+    scn.net.jitter_ms = 3;
+    scn.net.loss_pm = 30;
+    run_named(scn, 6);
+}
+
+/// Uploads with a content-length over a network that duplicates and reorders datagrams: the
+/// core must count every body byte once (a miscount is answered with H3_MESSAGE_ERROR).
+#[test]
+fn uploads_with_content_length_on_a_duplicating_network() {
+    let mut reqs = Vec::new();
+    for id in 0..5 {
+        let mut r = ReqPlan::get(
+            id,
+            Behaviour::Respond(Response::ok(300, Framing::Length, 10)),
+        );
+        r.method = "POST";
+        r.upload = Some(scenario::Upload {
+            data: rng::Rng::new(10 + id as u64).bytes(1348 + 7000 * id),
+            content_length: true,
+        });
+        r.start_ms = 3 * id as u64;
+        reqs.push(r);
+    }
+    let mut scn = Scenario::simple(10, reqs);
+    scn.net.latency_ms = 2;
+    scn.net.jitter_ms = 2;
+    scn.net.dup_pm = 100;
+    scn.gso_segments = 16;
+    run_named(scn, 10);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Known bugs. Each test below fails today; run them with
+//   cargo test --test sim -- --ignored --nocapture
+// and remove the `#[ignore]` (and the matching `Knobs::CI` exclusion) once the core is fixed.
+// ---------------------------------------------------------------------------------------------
+
+/// Every feature, including the ones `Knobs::CI` leaves out because of the bugs below.
+#[test]
+#[ignore = "hits the known bugs listed below"]
+fn simulated_seeds_all_features() {
+    run_seeds("simulated_seeds_all_features", true, Knobs::ALL, 300);
+}
+
+/// BUG (timeout server during a slow upload): the deadline is not refreshed when request body
+/// bytes reach the origin (`Sent` completions), so an upload that takes longer than `timeout
+/// server` is answered 504 while it is still flowing, the origin healthy.
+#[test]
+#[ignore = "core bug: timeout server counts while the request body is still being sent"]
+fn server_timeout_does_not_cut_a_slow_upload() {
+    let mut r = ReqPlan::get(0, Behaviour::Respond(Response::ok(100, Framing::Length, 5)));
+    r.method = "POST";
+    r.upload = Some(scenario::Upload {
+        data: rng::Rng::new(5).bytes(400_000),
+        content_length: true,
+    });
+    let mut scn = Scenario::simple(5, vec![r]);
+    // A lossy path: 400 KB take well over 250 ms to upload.
+    scn.net.latency_ms = 3;
+    scn.net.loss_pm = 60;
+    scn.timeout_server_ms = 250;
+    run_named(scn, 1);
+}
+
+/// BUG (NAT rebinding drops data in flight): the client's NAT mapping changes mid-download and
+/// the datagrams already on their way to the old port are lost (the usual NAT rebinding: the old
+/// mapping expired). quiche 0.30 keeps those packets in the old path's recovery: ACKs on the new
+/// path never declare them lost, the old path's PTO fires but sends nothing, so the stream data
+/// is never retransmitted and the download stalls until the idle timeout.
+#[test]
+#[ignore = "quiche/core bug: NAT rebinding loses the data in flight to the old port for good"]
+fn nat_rebinding_mid_download() {
+    let mut scn = Scenario::simple(
+        1,
+        vec![ReqPlan::get(
+            0,
+            Behaviour::Respond(Response::ok(200_000, Framing::Length, 1)),
+        )],
+    );
+    scn.clients[0].rebind_after = Some(12);
+    scn.clients[0].rebind_drops_old = true;
+    run_named(scn, 3);
+}
+
+/// BUG (NAT rebinding on a lossy, reordering link): the old port keeps delivering, the network
+/// reorders (5 ms jitter) and loses 6 %. quiche 0.30 on the server reports the new path
+/// `FailedValidation` although the client's PATH_RESPONSE arrived on it, reverts to the old
+/// address (PathEvent::PeerMigrated back to the old port while every datagram comes from the new
+/// one), then a later datagram fails in `recv` with InvalidState and quiche closes the
+/// connection with PROTOCOL_VIOLATION (0xa); sometimes the client gets a stateless reset
+/// instead. Fails 10 runs out of 10.
+#[test]
+#[ignore = "quiche/core bug: NAT rebinding with loss and reordering kills the connection"]
+fn nat_rebinding_with_reordering() {
+    let mut scn = Scenario::simple(
+        6,
+        vec![ReqPlan::get(
+            0,
+            Behaviour::Respond(Response::ok(200_000, Framing::Length, 6)),
+        )],
+    );
+    scn.net.jitter_ms = 5;
+    scn.net.loss_pm = 60;
+    scn.clients[0].rebind_after = Some(12);
+    scn.clients[0].rebind_drops_old = false;
+    run_named(scn, 3);
+}
+
+/// BUG (a reset response can reach the client as complete): the origin closes a chunked
+/// response early, the core resets the stream with `stream_shutdown(Write)`. quiche 0.30 then
+/// still sends a STREAM frame with FIN at the reset offset (its `SendBuf::reset` sets `fin_off`)
+/// next to the RESET_STREAM; on a reordering network the client can see the FIN first and take
+/// the truncated body, which has no content-length to check it against, for the whole response.
+/// (The same quiche behaviour in the client makes an upload the client cancels look complete to
+/// the core when it has no content-length; the core is right to forward it then, and the
+/// harness accepts it.)
+#[test]
+#[ignore = "quiche bug: stream_shutdown(Write) also sends FIN, a reset response can look complete"]
+fn reset_chunked_response_never_looks_complete() {
+    let mut reqs = Vec::new();
+    for id in 0..6 {
+        let resp = Response::ok(20_000 + 10_000 * id, Framing::Chunked, id as u64);
+        let mut r = ReqPlan::get(id, Behaviour::CloseEarly(resp, 5_000 + 3_000 * id));
+        r.start_ms = 2 * id as u64;
+        reqs.push(r);
+    }
+    let mut scn = Scenario::simple(8, reqs);
+    scn.net.jitter_ms = 4;
+    scn.net.loss_pm = 30;
+    run_named(scn, 12);
+}
+
+/// Observation (minor): NAT rebinding between the server's Retry and the client's next Initial.
+/// The Retry token is bound to the old address, so every Initial from the new port is dropped
+/// as "invalid retry token" and the client retries until its own idle timeout (2 s here).
+/// RFC 9000 §8.1.3: a server SHOULD close such a connection attempt with INVALID_TOKEN, so the
+/// client fails (or starts over) at once instead of hanging. Without Retry the same rebinding
+/// is harmless, which this test also checks.
+#[test]
+#[ignore = "observation: Initials with a Retry token bound to an old address are dropped silently"]
+fn nat_rebinding_during_handshake() {
+    for retry in ["off", "always"] {
+        let mut scn = Scenario::simple(
+            9,
+            vec![ReqPlan::get(
+                0,
+                Behaviour::Respond(Response::ok(1000, Framing::Length, 9)),
+            )],
+        );
+        scn.retry = retry;
+        scn.clients[0].rebind_after = Some(3);
+        scn.clients[0].rebind_during_handshake = true;
+        run_named(scn, 1);
+    }
+}
+
+/// BUG (early error answer turned into H3_MESSAGE_ERROR): a POST with a content-length gets an
+/// early error answer (here 503, every server at `maxconn`) while the connection is busy with a
+/// large download, so the answer is still queued in the core. `respond_error` makes
+/// `pump_request` discard the rest of the body without counting it in `req_body_bytes`; when the
+/// client's FIN arrives, `on_request_finished` compares content-length with the bytes counted,
+/// finds a mismatch and resets the stream with H3_MESSAGE_ERROR: the client never sees its 503
+/// (seed 2865 of `simulated_seeds` hit this on a lossy network).
+#[test]
+#[ignore = "core bug: a discarded request body is later judged a content-length mismatch"]
+fn early_error_answer_to_an_upload_is_not_reset() {
+    let mut reqs = vec![ReqPlan::get(
+        0,
+        Behaviour::Respond(Response::ok(400_000, Framing::Length, 11)),
+    )];
+    for id in 1..4 {
+        let mut r = ReqPlan::get(
+            id,
+            Behaviour::Respond(Response::ok(500, Framing::Length, 12)),
+        );
+        r.method = "POST";
+        r.upload = Some(scenario::Upload {
+            data: rng::Rng::new(id as u64).bytes(3000 * id),
+            content_length: true,
+        });
+        r.start_ms = 4 + 2 * id as u64;
+        reqs.push(r);
+    }
+    let mut scn = Scenario::simple(11, reqs);
+    scn.maxconn = Some(1);
+    scn.net.latency_ms = 5;
+    run_named(scn, 5);
+}
