@@ -362,6 +362,20 @@ impl Core {
         let Some(sk) = bc.stream else { return };
         match r {
             Ok(_) => {
+                // The server took request bytes: it is alive, so its timeout starts over (a slow
+                // upload to a healthy server is not a 504). Found by the simulation.
+                let server_timeout = self
+                    .bconns
+                    .get(bk)
+                    .and_then(|b| self.backends.get(b.backend))
+                    .map(|b| b.timeouts.server);
+                let pending = self
+                    .streams
+                    .get(sk)
+                    .is_some_and(|s| s.deadline.is_some() && s.wait.is_none() && !s.queued);
+                if let (Some(t), true) = (server_timeout, pending) {
+                    self.set_stream_deadline(sk, Some(now + t));
+                }
                 // Room again: read more request body from the client.
                 self.pump_request(now, sk);
             }

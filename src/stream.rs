@@ -424,8 +424,10 @@ impl Core {
             return;
         }
         s.req_fin = true;
-        // RFC 9114 §4.1.2: a body whose length differs from content-length is malformed.
-        if let Some(cl) = s.content_length {
+        // RFC 9114 §4.1.2: a body whose length differs from content-length is malformed. Once
+        // the answer is decided (an early error response), the rest of the body was discarded
+        // uncounted and no longer matters: the client must get that answer, not a reset.
+        if let Some(cl) = s.content_length.filter(|_| !s.resp_end) {
             if cl != s.req_body_bytes {
                 log::debug!(
                     "stream {sid}: body {} bytes, content-length {cl}",

@@ -362,7 +362,6 @@ fn simulated_seeds_all_features() {
 /// bytes reach the origin (`Sent` completions), so an upload that takes longer than `timeout
 /// server` is answered 504 while it is still flowing, the origin healthy.
 #[test]
-#[ignore = "core bug: timeout server counts while the request body is still being sent"]
 fn server_timeout_does_not_cut_a_slow_upload() {
     let mut r = ReqPlan::get(0, Behaviour::Respond(Response::ok(100, Framing::Length, 5)));
     r.method = "POST";
@@ -478,7 +477,6 @@ fn nat_rebinding_during_handshake() {
 /// finds a mismatch and resets the stream with H3_MESSAGE_ERROR: the client never sees its 503
 /// (seed 2865 of `simulated_seeds` hit this on a lossy network).
 #[test]
-#[ignore = "core bug: a discarded request body is later judged a content-length mismatch"]
 fn early_error_answer_to_an_upload_is_not_reset() {
     let mut reqs = vec![ReqPlan::get(
         0,
