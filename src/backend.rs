@@ -192,6 +192,30 @@ impl Core {
         self.set_stream_deadline(sk, Some(now + timeouts.connect));
     }
 
+    /// `backend/server` for log lines.
+    fn server_name(&self, b: usize, si: usize) -> String {
+        self.backends
+            .get(b)
+            .and_then(|be| {
+                be.servers
+                    .get(si)
+                    .map(|s| format!("{}/{}", be.name, s.name))
+            })
+            .unwrap_or_default()
+    }
+
+    /// Starts (or restarts) the stream's `timeout server` from `now`.
+    fn restart_server_timeout(&mut self, now: Instant, sk: StreamKey) {
+        let t = self
+            .streams
+            .get(sk)
+            .and_then(|s| self.backends.get(s.backend))
+            .map(|b| b.timeouts.server);
+        if let Some(t) = t {
+            self.set_stream_deadline(sk, Some(now + t));
+        }
+    }
+
     fn release_server_slot(&mut self, b: usize, si: usize) {
         if let Some(st) = self.servers.get_mut(b).and_then(|v| v.get_mut(si)) {
             debug_assert!(st.active > 0);
@@ -223,29 +247,18 @@ impl Core {
                 let (b, si) = (bc.backend, bc.server);
                 if let Some(st) = self.servers.get_mut(b).and_then(|v| v.get_mut(si)) {
                     if std::mem::take(&mut st.failing) {
-                        let name = self
-                            .backends
-                            .get(b)
-                            .and_then(|be| {
-                                be.servers
-                                    .get(si)
-                                    .map(|s| format!("{}/{}", be.name, s.name))
-                            })
-                            .unwrap_or_default();
+                        let name = self.server_name(b, si);
                         log::info!("server {name} is back: connect succeeded");
                     }
                 }
-                let Some(bc) = self.bconns.get_mut(bk) else {
+                if !self.bconns.contains(bk) {
                     return;
-                };
+                }
                 let Some(sk) = sk else {
                     self.close_backend(bk);
                     return;
                 };
-                let server_timeout = self.backends.get(bc.backend).map(|b| b.timeouts.server);
-                if let Some(t) = server_timeout {
-                    self.set_stream_deadline(sk, Some(now + t));
-                }
+                self.restart_server_timeout(now, sk);
                 self.backend_write(sk);
                 self.backend_read(now, sk);
             }
@@ -256,14 +269,7 @@ impl Core {
                     .and_then(|b| self.servers.get_mut(b))
                     .and_then(|v| v.get_mut(si))
                     .is_some_and(|st| !std::mem::replace(&mut st.failing, true));
-                let name = b
-                    .and_then(|b| self.backends.get(b))
-                    .and_then(|be| {
-                        be.servers
-                            .get(si)
-                            .map(|s| format!("{}/{}", be.name, s.name))
-                    })
-                    .unwrap_or_default();
+                let name = b.map(|b| self.server_name(b, si)).unwrap_or_default();
                 // Once per state change, not once per request: a dead server must not flood logs.
                 if first {
                     log::warn!("server {name} is failing: connect: {e}");
@@ -322,7 +328,6 @@ impl Core {
             }
             return;
         }
-        let server_timeout = self.backends.get(s.backend).map(|b| b.timeouts.server);
         let Some(bc) = self.bconns.get_mut(bk) else {
             return;
         };
@@ -344,9 +349,8 @@ impl Core {
             max: chunk,
         });
         // Waiting on the server again (first byte, or more body): its timeout runs.
-        let pending = self.streams.get(sk).and_then(|s| s.deadline);
-        if let (Some(t), None) = (server_timeout, pending) {
-            self.set_stream_deadline(sk, Some(now + t));
+        if self.streams.get(sk).is_some_and(|s| s.deadline.is_none()) {
+            self.restart_server_timeout(now, sk);
         }
     }
 
@@ -364,17 +368,12 @@ impl Core {
             Ok(_) => {
                 // The server took request bytes: it is alive, so its timeout starts over (a slow
                 // upload to a healthy server is not a 504). Found by the simulation.
-                let server_timeout = self
-                    .bconns
-                    .get(bk)
-                    .and_then(|b| self.backends.get(b.backend))
-                    .map(|b| b.timeouts.server);
                 let pending = self
                     .streams
                     .get(sk)
                     .is_some_and(|s| s.deadline.is_some() && s.wait.is_none() && !s.queued);
-                if let (Some(t), true) = (server_timeout, pending) {
-                    self.set_stream_deadline(sk, Some(now + t));
+                if pending {
+                    self.restart_server_timeout(now, sk);
                 }
                 // Room again: read more request body from the client.
                 self.pump_request(now, sk);
@@ -403,25 +402,21 @@ impl Core {
         };
         match r {
             Ok(data) if !data.is_empty() => {
-                let server_timeout = self.backends.get(bc.backend).map(|b| b.timeouts.server);
                 match self.streams.get_mut(sk) {
                     Some(s) => {
                         s.from_backend.extend_from_slice(data);
                         s.got_response_bytes = true;
                         // The read's chunk now pays for these bytes until they are parsed.
-                        if charged {
-                            s.from_chunks += 1;
-                        } else {
+                        // (An uncharged idle-probe read is charged now, as the bytes are here.)
+                        if !charged {
                             self.pool.reserve_forced(1);
-                            s.from_chunks += 1;
                         }
+                        s.from_chunks += 1;
                     }
                     None if charged => self.pool.release(1),
                     None => {}
                 }
-                if let Some(t) = server_timeout {
-                    self.set_stream_deadline(sk, Some(now + t));
-                }
+                self.restart_server_timeout(now, sk);
                 self.pump_response(now, sk);
             }
             Ok(_) => {

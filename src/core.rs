@@ -195,7 +195,6 @@ pub struct Core {
     pub(crate) scratch: Vec<u8>,
 
     pub(crate) drain_deadline: Option<Instant>,
-    pub(crate) hard_stop: bool,
     pub(crate) reset_budget: (Instant, u32),
     pub stats: Stats,
 }
@@ -293,7 +292,6 @@ impl Core {
             had_conns: false,
             scratch: vec![0u8; 64 * 1024],
             drain_deadline: None,
-            hard_stop: false,
             reset_budget: (now, 0),
             stats: Stats::default(),
         };
@@ -453,7 +451,7 @@ impl Core {
                 Timer::Conn(key) => self.conn_timer(key, at, now),
                 Timer::Handshake(key) => self.handshake_timer(key),
                 Timer::Stream(key) => self.stream_timer(key, at, now),
-                Timer::Drain => self.drain_expired(now),
+                Timer::Drain => self.drain_expired(),
             }
         }
         self.breadcrumb(None, None);
@@ -523,7 +521,9 @@ impl Core {
     }
 
     /// Writes the next datagram into `buf`. Call until `None` after every `flush`.
-    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+    /// `_now` is unused until pacing honours quiche's `SendInfo.at`; it keeps the quinn-style
+    /// shape every driver (worker, simulation, fuzzer) already calls.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.debug_check_thread();
         if let Some((t, data)) = self.stateless.pop_front() {
             let n = data.len().min(buf.len());
@@ -532,7 +532,7 @@ impl Core {
             return Some(Transmit { len: n, ..t });
         }
         while let Some(&key) = self.sendable.front() {
-            match self.conn_send(key, now, buf) {
+            match self.conn_send(key, buf) {
                 Some(t) => {
                     self.stats.datagrams_out += 1;
                     self.stats.bytes_out += t.len as u64;
@@ -570,14 +570,13 @@ impl Core {
         self.drain_deadline.is_some()
     }
 
-    fn drain_expired(&mut self, now: Instant) {
+    fn drain_expired(&mut self) {
         log::info!(
             "worker {}: drain timeout, closing {} connections with {} streams in flight",
             self.worker,
             self.conns.len(),
             self.streams.len()
         );
-        self.hard_stop = true;
         for key in self.conns.keys() {
             if let Some(c) = self.conns.get_mut(key) {
                 let _ =
@@ -585,7 +584,6 @@ impl Core {
             }
             self.mark_dirty(key);
         }
-        let _ = now;
     }
 
     /// Counters with the budget figures filled in.

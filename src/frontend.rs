@@ -607,12 +607,7 @@ impl Core {
 
     /// Next packet of the connection at the front of the send queue; `None` when it has nothing
     /// more (then its timer is refreshed and a closed connection is reaped).
-    pub(crate) fn conn_send(
-        &mut self,
-        key: ConnKey,
-        now: Instant,
-        buf: &mut [u8],
-    ) -> Option<Transmit> {
+    pub(crate) fn conn_send(&mut self, key: ConnKey, buf: &mut [u8]) -> Option<Transmit> {
         let c = self.conns.get_mut(key)?;
         match c.q.send(buf) {
             Ok((first, info)) => {
@@ -657,13 +652,13 @@ impl Core {
                     log::debug!("{}: send: {e}", c.q.trace_id());
                     let _ = c.q.close(false, 0x1, b"");
                 }
-                self.after_send(key, now);
+                self.after_send(key);
                 None
             }
         }
     }
 
-    fn after_send(&mut self, key: ConnKey, now: Instant) {
+    fn after_send(&mut self, key: ConnKey) {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
@@ -677,7 +672,6 @@ impl Core {
                 self.schedule(at, Timer::Conn(key));
             }
         }
-        let _ = now;
     }
 
     pub(crate) fn conn_timer(&mut self, key: ConnKey, at: Instant, now: Instant) {
