@@ -193,6 +193,14 @@ impl Core {
     }
 
     /// `backend/server` for log lines.
+    /// `backend/server` of a backend connection, for logs.
+    pub(crate) fn backend_name(&self, bk: BackendKey) -> String {
+        self.bconns
+            .get(bk)
+            .map(|c| self.server_name(c.backend, c.server))
+            .unwrap_or_default()
+    }
+
     fn server_name(&self, b: usize, si: usize) -> String {
         self.backends
             .get(b)
@@ -378,10 +386,7 @@ impl Core {
                 // Room again: read more request body from the client.
                 self.pump_request(now, sk);
             }
-            Err(e) => {
-                log::debug!("backend send failed: {e}");
-                self.backend_failed(now, bk, sk);
-            }
+            Err(e) => self.backend_failed(now, bk, sk, &format!("send: {e}")),
         }
     }
 
@@ -429,8 +434,7 @@ impl Core {
                 if charged {
                     self.pool.release(1);
                 }
-                log::debug!("backend recv failed: {e}");
-                self.backend_failed(now, bk, sk);
+                self.backend_failed(now, bk, sk, &format!("receive: {e}"));
             }
         }
     }
@@ -449,7 +453,9 @@ impl Core {
                 self.close_backend(bk);
                 self.pump_response(now, sk);
             }
-            Some((Err(()), _)) => self.backend_failed(now, bk, sk),
+            Some((Err(()), _)) => {
+                self.backend_failed(now, bk, sk, "closed before the response was complete")
+            }
             None => self.close_backend(bk),
         }
     }
@@ -457,8 +463,9 @@ impl Core {
     /// The connection broke mid-exchange. A body-less request on a reused connection that got
     /// no byte back is retried once on a fresh connection; otherwise 502, or a stream reset if
     /// the response head already went out.
-    fn backend_failed(&mut self, now: Instant, bk: BackendKey, sk: StreamKey) {
+    fn backend_failed(&mut self, now: Instant, bk: BackendKey, sk: StreamKey, why: &str) {
         let reused = self.bconns.get(bk).is_some_and(|b| b.reused);
+        let name = self.backend_name(bk);
         self.close_backend(bk);
         if reused {
             if let Some(head) = self.take_retry(sk) {
@@ -478,6 +485,14 @@ impl Core {
         if complete {
             self.pump_response(now, sk);
             return;
+        }
+        if let Some(s) = self.streams.get(sk) {
+            let what = if s.head_sent {
+                "response cut: resetting the stream"
+            } else {
+                "answering 502"
+            };
+            log::warn!("stream {}: server {name}: {why}; {what}", s.id);
         }
         self.respond_error(now, sk, 502, "server connection failed");
     }

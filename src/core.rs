@@ -597,6 +597,12 @@ impl Core {
         (self.conns.len(), self.streams.len(), self.bconns.len())
     }
 
+    /// How many of the live backend connections sit idle in a pool (kept until the origin
+    /// closes them); the rest carry an exchange.
+    pub fn idle_backends(&self) -> usize {
+        self.servers.iter().flatten().map(|s| s.idle.len()).sum()
+    }
+
     /// Debug-only cross-table checks: every stream's connection resolves and lists it; every
     /// backend connection's stream resolves and points back.
     pub fn check_invariants(&self) {

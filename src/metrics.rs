@@ -30,6 +30,8 @@ pub struct Snapshot {
     pub ring: RingStats,
     /// Connections, streams, backend connections (`Core::live()`).
     pub live: (usize, usize, usize),
+    /// Backend connections idle in a pool (part of `live.2`).
+    pub idle_backends: usize,
     pub handoff_drops: u64,
     pub loops: u64,
     pub draining: bool,
@@ -103,6 +105,13 @@ static FAMILIES: &[Family] = &[
         "Open HTTP/1.1 connections to origin servers (pooled and busy).",
         "backend_connections",
         |s| s.live.2 as u64
+    ),
+    family!(
+        "h3gate_backend_connections_idle",
+        "gauge",
+        "Open origin connections idle in a pool, waiting for reuse (part of h3gate_backend_connections).",
+        "backend_connections_idle",
+        |s| s.idle_backends as u64
     ),
     family!(
         "h3gate_draining",

@@ -57,7 +57,7 @@ pub struct Stream {
     pub(crate) from_backend: Vec<u8>,
     pub(crate) from_chunks: usize,
     head: Option<(Vec<Header>, bool)>,
-    head_sent: bool,
+    pub(crate) head_sent: bool,
     body_out: ChunkQueue,
     resp_end: bool,
     fin_sent: bool,
@@ -687,7 +687,10 @@ impl Core {
             }
         }
         if let Some(e) = bad_response {
-            log::warn!("stream {sk:?}: invalid response from backend: {e:?}");
+            if let Some(s) = self.streams.get(sk) {
+                let name = s.bconn.map(|bk| self.backend_name(bk)).unwrap_or_default();
+                log::warn!("stream {}: server {name}: invalid response: {e}", s.id);
+            }
             self.stats.backend_errors += 1;
             self.close_backend_of(sk);
             let head_known = self.streams.get(sk).is_some_and(|s| s.head.is_some());

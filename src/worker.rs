@@ -303,6 +303,7 @@ fn snapshot(index: u8, core: &Core, ring: &Ring, handoff_drops: u64, loops: u64)
         stats: core.stats(),
         ring: ring.stats.clone(),
         live: core.live(),
+        idle_backends: core.idle_backends(),
         handoff_drops,
         loops,
         draining: core.is_draining(),
@@ -519,9 +520,10 @@ fn setup(
 fn log_state(snap: &Snapshot) {
     let (c, s, b) = snap.live;
     log::info!(
-        "worker {} state: connections {c}, streams {s}, backend connections {b}, draining {}, \
-         loop passes {}; counters: {}",
+        "worker {} state: connections {c}, streams {s}, backend connections {b} (idle {}), \
+         draining {}, loop passes {}; counters: {}",
         snap.worker,
+        snap.idle_backends,
         snap.draining,
         snap.loops,
         metrics::summary(snap)

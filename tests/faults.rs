@@ -1,5 +1,6 @@
-//! Fault tests of issue #8 (first part): junk and unknown-CID storms, vanishing clients, a
-//! backend that misbehaves, SIGTERM with many streams in flight. Each asserts the proxy still
+//! Fault tests of issue #8: junk and unknown-CID storms, vanishing clients, a backend that
+//! misbehaves (resets before and mid-response, malformed and 64 KiB heads, trickles one byte a
+//! second), SIGTERM with many streams in flight. Each asserts the proxy still
 //! serves and that its live connection / stream / backend counts return to zero (read from the
 //! workers' shutdown stats and state dumps).
 
@@ -11,8 +12,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// Live counts `(connections, streams, backend connections)` summed over the workers, from a
-/// SIGUSR2 state dump (`worker N state: connections C, streams S, backend connections B, ...`).
+/// Live counts `(connections, streams, busy backend connections)` summed over the workers, from
+/// a SIGUSR2 state dump (`worker N state: connections C, streams S, backend connections B (idle
+/// I), ...`). Busy is `B - I`: connections idle in a pool stay open until the origin closes them.
 fn live_counts(env: &mut Env) -> (u64, u64, u64) {
     let before = env.proxy_log().matches(" state: connections ").count();
     env.signal_proxy(Signal::SIGUSR2);
@@ -35,7 +37,8 @@ fn live_counts(env: &mut Env) -> (u64, u64, u64) {
                 };
                 sum.0 += num("state: connections ");
                 sum.1 += num(", streams ");
-                sum.2 += num(", backend connections ");
+                let idle = num(" (idle ");
+                sum.2 += num(", backend connections ").saturating_sub(idle);
             }
             return sum;
         }
@@ -58,13 +61,12 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Waits until no connection, stream or backend connection (other than idle pooled ones) is
-/// left, up to `within`.
+/// Waits until no connection, stream or busy backend connection is left, up to `within`.
 fn wait_quiescent(env: &mut Env, within: Duration) -> (u64, u64, u64) {
     let deadline = Instant::now() + within;
     loop {
         let live = live_counts(env);
-        if (live.0, live.1) == (0, 0) || Instant::now() > deadline {
+        if live == (0, 0, 0) || Instant::now() > deadline {
             return live;
         }
         std::thread::sleep(Duration::from_millis(300));
@@ -116,9 +118,9 @@ fn hundred_thousand_random_datagrams_while_serving() {
     assert!(env.proxy_alive());
     let live = wait_quiescent(&mut env, Duration::from_secs(10));
     assert_eq!(
-        (live.0, live.1),
-        (0, 0),
-        "connections or streams left: {live:?}"
+        live,
+        (0, 0, 0),
+        "connections, streams or backends left: {live:?}"
     );
     let rss_after = rss_kib(pid);
     assert!(
@@ -215,7 +217,7 @@ fn vanishing_clients_leave_nothing_behind() {
     assert!(killed == 20);
     // Idle timeout 2 s, plus draining: every connection, stream and backend exchange must go.
     let live = wait_quiescent(&mut env, Duration::from_secs(15));
-    assert_eq!((live.0, live.1), (0, 0), "left behind: {live:?}");
+    assert_eq!(live, (0, 0, 0), "left behind: {live:?}");
     let out = env.h3get_t(20, &["--sha256", &env.url("/bytes/100000")]);
     out.assert_success();
     // Measured here: +7 to +9 MiB (allocator fragmentation left by 200 transfers cut mid-way;
@@ -230,13 +232,49 @@ fn vanishing_clients_leave_nothing_behind() {
 #[test]
 fn misbehaving_backend_answers_stay_contained() {
     let mut env = Env::start("bad_backend");
-    // A reset and a malformed response: 502, and the next request on a fresh backend
-    // connection works.
-    for path in ["/reset", "/badresponse"] {
-        let out = env.h3get_t(20, &["--sha256", &env.url(path)]);
-        assert!(out.stdout.contains("status=502"), "{path}: {out}");
+    let pid = env.proxy_pid();
+    env.h3get_t(20, &["--sha256", &env.url("/")])
+        .assert_success();
+    let rss_before = rss_kib(pid);
+    // A backend that drips one byte a second, running through everything else below.
+    let drip = env.spawn_h3get(
+        30,
+        &["--sha256", "--expect-status", "200", &env.url("/drip/4")],
+    );
+    // 40 responses cut mid-body (half the promised content-length, then an RST): each stream is
+    // reset (H3_INTERNAL_ERROR), never ended as if complete.
+    let cut = env.spawn_h3get(
+        30,
+        &[
+            "--connections",
+            "4",
+            "-n",
+            "10",
+            "--sha256",
+            &env.url("/resetmid/3000000"),
+        ],
+    );
+    // A reset before any answer, a malformed response and a 64 KiB response head: 502, and
+    // the next request on a fresh backend connection works.
+    for path in ["/reset", "/badresponse", "/bigheaders/65536"] {
+        let out = env.h3get_t(20, &["--sha256", "-n", "3", &env.url(path)]);
+        assert_eq!(
+            out.sha_lines()
+                .iter()
+                .filter(|l| l.contains("status=502"))
+                .count(),
+            3,
+            "{path}: {out}"
+        );
     }
-    // A backend that trickles one byte every 10 ms still completes.
+    // A large head that still fits is passed on.
+    let out = env.h3get_t(20, &["--sha256", &env.url("/bigheaders/16000")]);
+    assert_eq!(
+        out.sha_lines(),
+        vec![sha_line(200, b"big headers\n").as_str()],
+        "{out}"
+    );
+    // A backend that trickles one byte every 10 ms completes.
     let out = env.h3get_t(
         20,
         &[
@@ -248,8 +286,29 @@ fn misbehaving_backend_answers_stay_contained() {
     );
     out.assert_success();
     assert_eq!(out.sha_lines(), vec![pattern_line(50).as_str()]);
+    let out = cut.wait(Duration::from_secs(30));
+    let resets = out
+        .stderr
+        .matches("reset by peer: error code 0x102")
+        .count();
+    assert_eq!(resets, 40, "every cut response is reset: {out}");
+    assert!(
+        !out.stdout.contains(&pattern_line(3_000_000)) && !out.stdout.contains("status=200"),
+        "a cut response looked complete: {out}"
+    );
+    let out = drip.wait(Duration::from_secs(30));
+    out.assert_success();
+    assert_eq!(out.sha_lines(), vec![pattern_line(4).as_str()]);
+    // Still serving; nothing left behind; memory back to where it was.
+    env.h3get_t(20, &["--sha256", "-n", "5", &env.url("/bytes/100000")])
+        .assert_success();
     let live = wait_quiescent(&mut env, Duration::from_secs(10));
-    assert_eq!((live.0, live.1), (0, 0), "{live:?}");
+    assert_eq!(live, (0, 0, 0), "{live:?}");
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "RSS {rss_before} KiB before, {rss_after} KiB after"
+    );
 }
 
 #[test]

@@ -358,9 +358,10 @@ fn simulated_seeds_all_features() {
     run_seeds("simulated_seeds_all_features", true, Knobs::ALL, 300);
 }
 
-/// BUG (timeout server during a slow upload): the deadline is not refreshed when request body
-/// bytes reach the origin (`Sent` completions), so an upload that takes longer than `timeout
-/// server` is answered 504 while it is still flowing, the origin healthy.
+/// FIXED in ff7aa1e, kept as a regression test (timeout server during a slow upload): the deadline
+/// was not refreshed when request body bytes reach the origin (`Sent` completions), so an upload
+/// that takes longer than `timeout server` is answered 504 while it is still flowing, the origin
+/// healthy.
 #[test]
 fn server_timeout_does_not_cut_a_slow_upload() {
     let mut r = ReqPlan::get(0, Behaviour::Respond(Response::ok(100, Framing::Length, 5)));
@@ -469,13 +470,13 @@ fn nat_rebinding_during_handshake() {
     }
 }
 
-/// BUG (early error answer turned into H3_MESSAGE_ERROR): a POST with a content-length gets an
-/// early error answer (here 503, every server at `maxconn`) while the connection is busy with a
-/// large download, so the answer is still queued in the core. `respond_error` makes
-/// `pump_request` discard the rest of the body without counting it in `req_body_bytes`; when the
-/// client's FIN arrives, `on_request_finished` compares content-length with the bytes counted,
-/// finds a mismatch and resets the stream with H3_MESSAGE_ERROR: the client never sees its 503
-/// (seed 2865 of `simulated_seeds` hit this on a lossy network).
+/// FIXED in ff7aa1e, kept as a regression test (early error answer turned into H3_MESSAGE_ERROR): a
+/// POST with a content-length gets an early error answer (here 503, every server at `maxconn`)
+/// while the connection is busy with a large download, so the answer is still queued in the core.
+/// `respond_error` makes `pump_request` discard the rest of the body without counting it in
+/// `req_body_bytes`; when the client's FIN arrives, `on_request_finished` compares content-length
+/// with the bytes counted, finds a mismatch and resets the stream with H3_MESSAGE_ERROR: the client
+/// never sees its 503 (seed 2865 of `simulated_seeds` hit this on a lossy network).
 #[test]
 fn early_error_answer_to_an_upload_is_not_reset() {
     let mut reqs = vec![ReqPlan::get(

@@ -25,10 +25,13 @@
 //! | `/close/N`           | N pattern bytes delimited by closing the connection      |
 //! | `/slow/MS`           | sleeps MS milliseconds, then 200 `slow\n`                |
 //! | `/trickle/N`         | N pattern bytes with content-length, one every 10 ms     |
+//! | `/drip/N`            | N pattern bytes with content-length, one a second        |
 //! | `/status/N`          | status N (100..=599) with body `status N\n`              |
 //! | `/headers`           | 200, the request head exactly as received                |
 //! | `/reset`             | no answer: the connection is reset (RST)                 |
 //! | `/badresponse`       | a response with two conflicting content-lengths          |
+//! | `/resetmid/N`        | head with content-length N, N/2 pattern bytes, then RST  |
+//! | `/bigheaders/N`      | 200 whose header fields total about N bytes              |
 //! | anything else        | 404 `not found\n`                                        |
 //!
 //! Pattern byte `i` is `(i * 7 + (i >> 8)) as u8`; it repeats every 64 KiB.
@@ -60,6 +63,8 @@ const WRITE_SIZE: usize = 64 * 1024;
 const CHUNK_SIZE: usize = 16 * 1024;
 /// Delay between the bytes of `/trickle/N`.
 const TRICKLE_DELAY: Duration = Duration::from_millis(10);
+/// Delay between the bytes of `/drip/N`.
+const DRIP_DELAY: Duration = Duration::from_secs(1);
 /// How long a closing connection keeps reading what the peer still sends,
 /// so that the response is not destroyed by an RST.
 const LINGER_TIME: Duration = Duration::from_secs(2);
@@ -196,6 +201,8 @@ struct Exchange {
     http10: bool,
     head_only: bool,
     keep_alive: bool,
+    /// End the connection with an RST once the answer is written.
+    reset: bool,
 }
 
 enum Route {
@@ -206,10 +213,13 @@ enum Route {
     Chunked(u64),
     Close(u64),
     Slow(u64),
-    Trickle(u64),
+    /// N bytes, one every given delay.
+    Trickle(u64, Duration),
     Status(u16),
     Headers,
     Reset,
+    ResetMid(u64),
+    BigHeaders(u64),
     BadResponse,
     NotFound,
     BadParam(&'static str),
@@ -283,6 +293,7 @@ impl Conn {
             http10: req.minor == 0,
             head_only: req.method == "HEAD",
             keep_alive,
+            reset: false,
         };
         let route = match request_path(&req.target) {
             Some(path) => route(path),
@@ -328,7 +339,9 @@ impl Conn {
 
         let (status, sent) = self.answer(&mut ex, &req, &framing, route, &body, received)?;
         self.log(&req.method, &req.target, status, sent);
-        Ok(if ex.keep_alive {
+        Ok(if ex.reset {
+            Next::Reset
+        } else if ex.keep_alive {
             Next::KeepAlive
         } else {
             Next::Close
@@ -405,7 +418,7 @@ impl Conn {
                 thread::sleep(Duration::from_millis(ms));
                 self.simple(ex, 200, &[TEXT], b"slow\n")?
             }
-            Route::Trickle(n) => {
+            Route::Trickle(n, delay) => {
                 let len = n.to_string();
                 self.head(ex, 200, &[BINARY, ("content-length", &len)])?;
                 if !ex.head_only {
@@ -413,7 +426,7 @@ impl Conn {
                         let byte = PATTERN[(i % PATTERN_LEN as u64) as usize];
                         self.writer.write_all(&[byte])?;
                         if i + 1 < n {
-                            thread::sleep(TRICKLE_DELAY);
+                            thread::sleep(delay);
                         }
                     }
                 }
@@ -447,6 +460,34 @@ impl Conn {
                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
                 )?;
                 (200, 5)
+            }
+            Route::ResetMid(n) => {
+                // Half of the promised body, then an RST: a backend dying mid-response.
+                let len = n.to_string();
+                self.head(ex, 200, &[BINARY, ("content-length", &len)])?;
+                if !ex.head_only {
+                    write_pattern(&mut self.writer, n / 2)?;
+                }
+                // Let the half body leave before the RST discards the send queue.
+                self.writer.flush()?;
+                thread::sleep(Duration::from_millis(200));
+                ex.reset = true;
+                (200, (n / 2) as usize)
+            }
+            Route::BigHeaders(n) => {
+                // Filler fields of up to 1 KiB each until about `n` bytes of head.
+                let n = n.min(4 * 1024 * 1024) as usize;
+                let mut names = Vec::new();
+                let mut total = 0;
+                while total < n {
+                    let value = "f".repeat((n - total).clamp(1, 1000));
+                    let name = format!("x-filler-{}", names.len());
+                    total += name.len() + value.len() + 4;
+                    names.push((name, value));
+                }
+                let mut fields: Vec<(&str, &str)> = vec![TEXT];
+                fields.extend(names.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                self.simple(ex, 200, &fields, b"big headers\n")?
             }
             Route::NotFound => self.simple(ex, 404, &[TEXT], b"not found\n")?,
             Route::BadParam(why) => self.simple(ex, 400, &[TEXT], format!("{why}\n").as_bytes())?,
@@ -499,6 +540,7 @@ impl Conn {
             http10: false,
             head_only: false,
             keep_alive: false,
+            reset: false,
         };
         self.simple(
             &ex,
@@ -875,8 +917,14 @@ fn route(path: &str) -> Route {
                 number(n, Route::Close)
             } else if let Some(n) = path.strip_prefix("/slow/") {
                 number(n, Route::Slow)
+            } else if let Some(n) = path.strip_prefix("/resetmid/") {
+                number(n, Route::ResetMid)
+            } else if let Some(n) = path.strip_prefix("/bigheaders/") {
+                number(n, Route::BigHeaders)
             } else if let Some(n) = path.strip_prefix("/trickle/") {
-                number(n, Route::Trickle)
+                number(n, |n| Route::Trickle(n, TRICKLE_DELAY))
+            } else if let Some(n) = path.strip_prefix("/drip/") {
+                number(n, |n| Route::Trickle(n, DRIP_DELAY))
             } else if let Some(n) = path.strip_prefix("/status/") {
                 match parse_decimal(n.as_bytes()) {
                     Some(code @ 100..=599) => Route::Status(code as u16),

@@ -30,14 +30,6 @@ pub struct Knobs {
     /// Origins that break a response mid-body (reset, early close, bad chunk) on links that
     /// lose or reorder datagrams (else those requests are answered normally there).
     pub mid_body_failures_on_lossy_links: bool,
-    /// Count an H3_MESSAGE_ERROR reset of an upload with a content-length that could have been
-    /// answered early (502/503/504) as that answer: the known bug of
-    /// `early_error_answer_to_an_upload_is_not_reset` (sim.rs), too rare to avoid by scenario.
-    pub tolerate_early_error_reset: bool,
-    /// `timeout server` 250 ms in every seed. Off: 3 s, except in seeds with a never-answering
-    /// origin, which keep 250 ms but only small uploads over a nearly clean network, so no
-    /// upload comes near the timeout (it runs while the request body is sent: a known bug).
-    pub tight_server_timeout: bool,
 }
 
 impl Knobs {
@@ -46,8 +38,6 @@ impl Knobs {
         rebinding_drops_old_port: false,
         rebinding_on_lossy_links: false,
         mid_body_failures_on_lossy_links: false,
-        tolerate_early_error_reset: true,
-        tight_server_timeout: false,
         ..Knobs::ALL
     };
 
@@ -62,8 +52,6 @@ impl Knobs {
         rebinding_drops_old_port: true,
         rebinding_on_lossy_links: true,
         mid_body_failures_on_lossy_links: true,
-        tolerate_early_error_reset: false,
-        tight_server_timeout: true,
     };
 }
 
@@ -208,8 +196,6 @@ pub struct Scenario {
     pub gso_segments: usize,
     /// `timeout server` (also `timeout connect`'s partner for black-holed servers).
     pub timeout_server_ms: u64,
-    /// See `Knobs::tolerate_early_error_reset`.
-    pub tolerate_early_error_reset: bool,
 }
 
 impl Scenario {
@@ -291,11 +277,7 @@ impl Scenario {
             retry,
             gso_segments,
             timeout_server_ms: 250,
-            tolerate_early_error_reset: knobs.tolerate_early_error_reset,
         };
-        if !knobs.tight_server_timeout {
-            scn.loosen_server_timeout();
-        }
         let lossy = scn.net.loss_pm > 0 || scn.net.jitter_ms > 0 || scn.net.dup_pm > 0;
         if lossy && !knobs.rebinding_on_lossy_links {
             for c in &mut scn.clients {
@@ -313,28 +295,6 @@ impl Scenario {
             }
         }
         scn
-    }
-
-    /// See `Knobs::tight_server_timeout`.
-    fn loosen_server_timeout(&mut self) {
-        let hang = self
-            .clients
-            .iter()
-            .flat_map(|c| &c.requests)
-            .any(|r| matches!(r.behaviour, Behaviour::Hang));
-        if !hang {
-            self.timeout_server_ms = 3000;
-            return;
-        }
-        // `timeout server` stays 250 ms so the hang is answered quickly; uploads stay small on
-        // a nearly clean link so none takes that long (sim.rs:
-        // `server_timeout_does_not_cut_a_slow_upload`).
-        self.net.loss_pm = self.net.loss_pm.min(10);
-        for r in self.clients.iter_mut().flat_map(|c| &mut c.requests) {
-            if let Some(u) = &mut r.upload {
-                u.data.truncate(8 * 1024);
-            }
-        }
     }
 
     pub fn request(&self, client: usize, id: usize) -> Option<&ReqPlan> {
@@ -534,7 +494,6 @@ impl Scenario {
             retry: "off",
             gso_segments: 1,
             timeout_server_ms: 250,
-            tolerate_early_error_reset: false,
         }
     }
 }

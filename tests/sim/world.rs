@@ -592,13 +592,6 @@ fn judge(
             let _ = code;
             Ok(())
         }
-        Outcome::Reset(0x10e)
-            if scn.tolerate_early_error_reset
-                && !errors.is_empty()
-                && plan.upload.as_ref().is_some_and(|u| u.content_length) =>
-        {
-            Ok(())
-        }
         Outcome::Reset(code) => Err(format!("stream reset by the core with 0x{code:x}")),
         Outcome::Truncated { .. } if may_reset => Ok(()),
         Outcome::Truncated { got, want, .. } => Err(format!(
