@@ -424,6 +424,10 @@ impl Core {
             return;
         }
         s.req_fin = true;
+        log::trace!(
+            "stream {sid}: request body complete, {} bytes",
+            s.req_body_bytes
+        );
         // RFC 9114 §4.1.2: a body whose length differs from content-length is malformed. Once
         // the answer is decided (an early error response), the rest of the body was discarded
         // uncounted and no longer matters: the client must get that answer, not a reset.
@@ -563,6 +567,7 @@ impl Core {
                     }
                     Err(quiche::h3::Error::Done) => s.body_readable = false,
                     Err(e) => {
+                        log::trace!("stream {}: recv_body error {e:?}", s.id);
                         log::debug!("stream {}: recv_body: {e}", s.id);
                         error = Some(H3_INTERNAL_ERROR);
                         break;

@@ -383,6 +383,16 @@ fn server_timeout_does_not_cut_a_slow_upload() {
 /// mapping expired). quiche 0.30 keeps those packets in the old path's recovery: ACKs on the new
 /// path never declare them lost, the old path's PTO fires but sends nothing, so the stream data
 /// is never retransmitted and the download stalls until the idle timeout.
+///
+/// A second way the same scenario fails on a lossy link (`simulated_seeds_all_features` seed
+/// 21, traced): the server sends PATH_CHALLENGE plus stream data on the new, unvalidated path
+/// and the data uses up the anti-amplification credit (3x what the client sent there, only ACKs
+/// of a download). The client's PATH_RESPONSE is lost; at the next PTO quiche declares the path
+/// failed at once because less than 25 bytes of credit are left for a new challenge, and
+/// reverts to the old, dead address. The client, with nothing of its own in flight, stays
+/// silent until its idle timeout. Letting the path retry instead (tried in vendor/quiche) only
+/// changes the failure: with no credit and a silent client nothing more can be sent. A fix
+/// needs credit kept back for the challenge on unvalidated paths; not done.
 #[test]
 #[ignore = "quiche/core bug: NAT rebinding loses the data in flight to the old port for good"]
 fn nat_rebinding_mid_download() {
@@ -422,16 +432,14 @@ fn nat_rebinding_with_reordering() {
     run_named(scn, 3);
 }
 
-/// BUG (a reset response can reach the client as complete): the origin closes a chunked
-/// response early, the core resets the stream with `stream_shutdown(Write)`. quiche 0.30 then
-/// still sends a STREAM frame with FIN at the reset offset (its `SendBuf::reset` sets `fin_off`)
-/// next to the RESET_STREAM; on a reordering network the client can see the FIN first and take
-/// the truncated body, which has no content-length to check it against, for the whole response.
-/// (The same quiche behaviour in the client makes an upload the client cancels look complete to
-/// the core when it has no content-length; the core is right to forward it then, and the
-/// harness accepts it.)
+/// FIXED by vendor/quiche-reset-no-fin.patch, kept as a regression test (a reset response
+/// could reach the client as complete): the origin closes a chunked response early, the core
+/// resets the stream with `stream_shutdown(Write)`. Unpatched quiche 0.30 then still sent an
+/// empty STREAM frame with FIN at the reset offset (the stream stayed in its flushable queue
+/// and `SendBuf::reset` had set `fin_off`) next to the RESET_STREAM; on a reordering network
+/// the client could see the FIN first and take the truncated body, which has no content-length
+/// to check it against, for the whole response. Failed 3 runs out of 3 before the patch.
 #[test]
-#[ignore = "quiche bug: stream_shutdown(Write) also sends FIN, a reset response can look complete"]
 fn reset_chunked_response_never_looks_complete() {
     let mut reqs = Vec::new();
     for id in 0..6 {

@@ -27,9 +27,6 @@ pub struct Knobs {
     pub rebinding_drops_old_port: bool,
     /// NAT rebinding on links that lose or reorder datagrams (else only on clean links).
     pub rebinding_on_lossy_links: bool,
-    /// Origins that break a response mid-body (reset, early close, bad chunk) on links that
-    /// lose or reorder datagrams (else those requests are answered normally there).
-    pub mid_body_failures_on_lossy_links: bool,
 }
 
 impl Knobs {
@@ -37,7 +34,6 @@ impl Knobs {
     pub const CI: Knobs = Knobs {
         rebinding_drops_old_port: false,
         rebinding_on_lossy_links: false,
-        mid_body_failures_on_lossy_links: false,
         ..Knobs::ALL
     };
 
@@ -51,7 +47,6 @@ impl Knobs {
         uploads: true,
         rebinding_drops_old_port: true,
         rebinding_on_lossy_links: true,
-        mid_body_failures_on_lossy_links: true,
     };
 }
 
@@ -282,16 +277,6 @@ impl Scenario {
         if lossy && !knobs.rebinding_on_lossy_links {
             for c in &mut scn.clients {
                 c.rebind_after = None;
-            }
-        }
-        if lossy && !knobs.mid_body_failures_on_lossy_links {
-            for r in scn.clients.iter_mut().flat_map(|c| &mut c.requests) {
-                if let Behaviour::ResetMidBody(x, _)
-                | Behaviour::CloseEarly(x, _)
-                | Behaviour::BadChunk(x) = &r.behaviour
-                {
-                    r.behaviour = Behaviour::Respond(x.clone());
-                }
             }
         }
         scn
