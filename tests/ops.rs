@@ -89,6 +89,7 @@ impl Gate {
 
 impl Drop for Gate {
     fn drop(&mut self) {
+        sanitize_stop(&mut self.child, "ops");
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
         }
@@ -546,15 +547,17 @@ fn forced_crash(mode: &str, via_flag: bool, signal: i32, must_mention: &[&str]) 
         global.push("diagnostic on");
     }
     let args: &[&str] = if via_flag { &["--diag"] } else { &[] };
-    let mut gate = start_gate(
-        &mut env,
-        mode,
-        origin,
-        &global,
-        "",
-        args,
-        &[("H3GATE_CRASH_TEST", mode)],
+    let mut vars = vec![("H3GATE_CRASH_TEST", mode)];
+    // Under tests/sanitize, ASan's SIGSEGV handler (which h3gate's chains to) would report the
+    // forced SIGSEGV as an error and exit 1 instead of dying by the signal.
+    let asan_options = format!(
+        "{}:handle_segv=0",
+        std::env::var("ASAN_OPTIONS").unwrap_or_default()
     );
+    if sanitize() && signal == libc::SIGSEGV {
+        vars.push(("ASAN_OPTIONS", &asan_options));
+    }
+    let mut gate = start_gate(&mut env, mode, origin, &global, "", args, &vars);
     let log = gate.log();
     assert!(log.contains("diagnostic mode: h3gate "), "{log}");
     assert!(

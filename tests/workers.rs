@@ -36,7 +36,9 @@ fn worker_stat_from_log(log: &str, field: &str) -> Vec<u64> {
 fn worker_stat(env: &mut Env, field: &str) -> Vec<u64> {
     if env.proxy_alive() {
         env.signal_proxy(Signal::SIGTERM);
-        let status = env.wait_proxy_exit(Duration::from_secs(15));
+        // Under tests/sanitize the exit also runs LeakSanitizer, on a slower process.
+        let within = Duration::from_secs(if sanitize() { 45 } else { 15 });
+        let status = env.wait_proxy_exit(within);
         assert!(
             status.is_some_and(|s| s.success()),
             "proxy did not stop cleanly"

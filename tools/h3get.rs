@@ -771,6 +771,9 @@ impl<'a> Client<'a> {
                         " (handshake not complete)"
                     }
                 );
+                if self.o.verbose {
+                    eprintln!("{}quiche: {:?}", self.tag, self.conn.stats());
+                }
                 self.fail_all_quiet();
                 let _ = self.conn.close(true, H3_REQUEST_CANCELLED, b"timeout");
                 self.flush();
@@ -1373,7 +1376,13 @@ impl<'a> Client<'a> {
         if self.o.verbose {
             let old = last.udp.local_addr().map(|a| a.port()).unwrap_or(0);
             let new = udp.local_addr().map(|a| a.port()).unwrap_or(0);
-            eprintln!("{}rebind: local port {old} -> {new}", self.tag);
+            let at = (Instant::now() + self.o.timeout).saturating_duration_since(self.o.deadline);
+            eprintln!(
+                "{}rebind: local port {old} -> {new} at {:.3} s, {} body bytes read",
+                self.tag,
+                at.as_secs_f64(),
+                self.stats.bytes
+            );
         }
         self.socks.push(Sock { udp, qaddr });
         while self.socks.len() > 2 {
