@@ -492,6 +492,10 @@ const CONNECTION_WINDOW_FACTOR: f64 = 1.5;
 // validation as failed.
 const MAX_PROBING_TIMEOUTS: usize = 3;
 
+// h3gate patch: anti-amplification credit kept for a new PATH_CHALLENGE on a
+// path under validation (a short-header packet carrying one, padded a bit).
+const PROBING_CREDIT_RESERVE: usize = 100;
+
 // The default initial congestion window size in terms of packet count.
 const DEFAULT_INITIAL_CONGESTION_WINDOW_PACKETS: usize = 10;
 
@@ -4046,7 +4050,18 @@ impl<F: BufFactory> Connection<F> {
         // Limit data sent by the server based on the amount of data received
         // from the client before its address is validated.
         if !send_path.verified_peer_address && self.is_server {
-            left = cmp::min(left, send_path.max_send_bytes);
+            let mut credit = send_path.max_send_bytes;
+            // h3gate patch: while a path is being validated, keep some
+            // credit back for a new PATH_CHALLENGE. Without it, data used
+            // up the credit and a single lost PATH_RESPONSE failed the path
+            // at the next PTO (too little credit left to challenge again),
+            // reverting a NAT-rebound client to its old, dead address.
+            if send_path.under_validation() &&
+                !send_path.validation_requested()
+            {
+                credit = credit.saturating_sub(PROBING_CREDIT_RESERVE);
+            }
+            left = cmp::min(left, credit);
         }
 
         // Generate coalesced packets.
@@ -7183,6 +7198,25 @@ impl<F: BufFactory> Connection<F> {
 
                     self.lost_count += lost_packets;
                     self.lost_bytes += lost_bytes as u64;
+
+                    // h3gate patch: a path that is no longer active sends
+                    // no probes, so what is still in flight on it would
+                    // never be declared lost and its data never sent again
+                    // (a NAT rebinding that left packets on their way to
+                    // an old, dead port stalled the stream for good).
+                    // Declare it lost now: the frames are retransmitted on
+                    // the active path.
+                    if !p.active() {
+                        for &e in packet::Epoch::epochs(
+                            packet::Epoch::Initial..=packet::Epoch::Application,
+                        ) {
+                            let (lost_packets, lost_bytes) = p
+                                .recovery
+                                .on_path_abandoned(e, now, &self.trace_id);
+                            self.lost_count += lost_packets;
+                            self.lost_bytes += lost_bytes as u64;
+                        }
+                    }
 
                     qlog_with_type!(QLOG_METRICS, self.qlog, q, {
                         p.recovery.maybe_qlog(q, now);

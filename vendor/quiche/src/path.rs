@@ -179,6 +179,10 @@ pub struct Path {
     /// when they were sent.
     in_flight_challenges: VecDeque<([u8; 8], usize, Instant)>,
 
+    /// h3gate patch: challenges declared lost, with their packet size, so
+    /// that a late PATH_RESPONSE (a reordering or slow path) still validates.
+    lost_challenges: VecDeque<([u8; 8], usize)>,
+
     /// The maximum challenge size that got acknowledged.
     max_challenge_size: usize,
 
@@ -232,6 +236,10 @@ pub struct Path {
 
     /// Total number of bytes the server can send before the peer's address
     /// is verified.
+    /// h3gate patch: when this path was last made active or validated
+    /// (`PathMap::recency` at that time), to fall back to the most recent one.
+    recency: u64,
+
     pub max_send_bytes: usize,
 
     /// Whether the peer's address has been verified.
@@ -296,6 +304,7 @@ impl Path {
             recovery: recovery::Recovery::new_with_config(recovery_config),
             pmtud,
             in_flight_challenges: VecDeque::new(),
+            lost_challenges: VecDeque::new(),
             max_challenge_size: 0,
             probing_lost: 0,
             last_probe_lost_time: None,
@@ -318,6 +327,7 @@ impl Path {
             peer_verified_local_address: false,
             challenge_requested: false,
             failure_notified: false,
+            recency: 0,
             migrating: false,
             needs_ack_eliciting: false,
         }
@@ -447,7 +457,8 @@ impl Path {
     }
 
     pub fn has_pending_challenge(&self, data: [u8; 8]) -> bool {
-        self.in_flight_challenges.iter().any(|(d, ..)| *d == data)
+        self.in_flight_challenges.iter().any(|(d, ..)| *d == data) ||
+            self.lost_challenges.iter().any(|(d, _)| *d == data)
     }
 
     /// Returns whether the path is now validated.
@@ -457,6 +468,14 @@ impl Path {
 
         let mut challenge_size = 0;
         self.in_flight_challenges.retain(|(d, s, _)| {
+            if *d == data {
+                challenge_size = *s;
+                false
+            } else {
+                true
+            }
+        });
+        self.lost_challenges.retain(|(d, s)| {
             if *d == data {
                 challenge_size = *s;
                 false
@@ -506,11 +525,16 @@ impl Path {
         );
 
         let mut lost_probe_time = None;
-        self.in_flight_challenges.retain(|(_, _, sent_time)| {
+        let lost = &mut self.lost_challenges;
+        self.in_flight_challenges.retain(|(data, size, sent_time)| {
             if *sent_time <= now {
                 if lost_probe_time.is_none() {
                     lost_probe_time = Some(*sent_time);
                 }
+                if lost.len() == 8 {
+                    lost.pop_front();
+                }
+                lost.push_back((*data, *size));
                 false
             } else {
                 true
@@ -538,8 +562,14 @@ impl Path {
             // As a server, if requesting a challenge is not
             // possible due to the amplification attack, declare the
             // validation as failed.
+            // h3gate patch: the anti-amplification credit only limits an
+            // address not verified yet; a validated path whose probe was
+            // lost (it had spent its handshake-time credit long ago) was
+            // failed at once.
             if self.probing_lost >= crate::MAX_PROBING_TIMEOUTS ||
-                (is_server && self.max_send_bytes < crate::MIN_PROBING_SIZE)
+                (is_server &&
+                    !self.verified_peer_address &&
+                    self.max_send_bytes < crate::MIN_PROBING_SIZE)
             {
                 self.on_failed_validation();
             } else {
@@ -659,6 +689,9 @@ pub struct PathMap {
 
     /// Whether this manager serves a connection as a server.
     is_server: bool,
+
+    /// h3gate patch: counter stamped on a path made active or validated.
+    recency: u64,
 }
 
 impl PathMap {
@@ -686,6 +719,7 @@ impl PathMap {
             addrs_to_paths,
             events: VecDeque::new(),
             is_server,
+            recency: 0,
         }
     }
 
@@ -868,9 +902,15 @@ impl PathMap {
     /// Finds a path candidate to be active and returns its identifier.
     pub fn find_candidate_path(&self) -> Option<usize> {
         // TODO: also consider unvalidated paths if there are no more validated.
+        //
+        // h3gate patch: the most recently active or validated one, not the
+        // first in the table (RFC 9000 §9.3.2: revert to the last validated
+        // peer address). The first is the peer's original address, which a
+        // NAT rebinding may have left dead long ago.
         self.paths
             .iter()
-            .find(|(_, p)| p.usable())
+            .filter(|(_, p)| p.usable())
+            .max_by_key(|(_, p)| p.recency)
             .map(|(pid, _)| pid)
     }
 
@@ -878,11 +918,15 @@ impl PathMap {
     pub fn on_response_received(&mut self, data: [u8; 8]) -> Result<()> {
         let active_pid = self.get_active_path_id()?;
 
+        self.recency += 1;
+        let recency = self.recency;
+
         let challenge_pending =
             self.iter_mut().find(|(_, p)| p.has_pending_challenge(data));
 
         if let Some((pid, p)) = challenge_pending {
             if p.on_response_received(data) {
+                p.recency = recency;
                 let local_addr = p.local_addr;
                 let peer_addr = p.peer_addr;
                 let was_migrating = p.migrating;
@@ -917,12 +961,31 @@ impl PathMap {
     pub fn set_active_path(&mut self, path_id: usize) -> Result<()> {
         let is_server = self.is_server;
 
-        if let Ok(old_active_path) = self.get_active_mut() {
-            old_active_path.active = false;
+        // h3gate patch: clear the flag on every path, not only on the one
+        // `active()` finds: a path made active and then failed kept it, and
+        // two "active" paths made the cwnd sums overflow.
+        for (_, p) in self.paths.iter_mut() {
+            p.active = false;
         }
+
+        self.recency += 1;
+        let recency = self.recency;
 
         let new_active_path = self.get_mut(path_id)?;
         new_active_path.active = true;
+        new_active_path.recency = recency;
+
+        // h3gate patch: the peer moved (back) to an address whose validation
+        // failed earlier (its PATH_RESPONSEs were lost). A failed path is
+        // never `active()`, so the connection was left with no active path
+        // and closed with PROTOCOL_VIOLATION at the next packet. Validate it
+        // afresh instead.
+        if new_active_path.validation_failed() {
+            new_active_path.state = PathState::Unknown;
+            new_active_path.probing_lost = 0;
+            new_active_path.last_probe_lost_time = None;
+            new_active_path.failure_notified = false;
+        }
 
         if is_server {
             if new_active_path.validated() {

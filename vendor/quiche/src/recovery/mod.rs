@@ -232,6 +232,14 @@ pub trait RecoveryOps {
     fn on_path_change(
         &mut self, epoch: packet::Epoch, now: Instant, _trace_id: &str,
     ) -> (usize, usize);
+
+    /// h3gate patch: declares every packet still in flight lost, on a path
+    /// that is no longer used (no ACK may ever come for them there).
+    fn on_path_abandoned(
+        &mut self, epoch: packet::Epoch, now: Instant, trace_id: &str,
+    ) -> (usize, usize) {
+        self.on_path_change(epoch, now, trace_id)
+    }
     fn loss_detection_timer(&self) -> Option<Instant>;
     fn cwnd(&self) -> usize;
     fn cwnd_available(&self) -> usize;

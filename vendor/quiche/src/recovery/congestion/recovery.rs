@@ -874,6 +874,19 @@ impl RecoveryOps for LegacyRecovery {
         self.detect_lost_packets(epoch, now, trace_id)
     }
 
+    fn on_path_abandoned(
+        &mut self, epoch: Epoch, now: Instant, trace_id: &str,
+    ) -> (usize, usize) {
+        // h3gate patch: as if every packet sent on the path had been
+        // followed by an acknowledged one, so packet-threshold detection
+        // declares them all lost.
+        let saved = self.epochs[epoch].largest_acked_packet;
+        self.epochs[epoch].largest_acked_packet = Some(u64::MAX / 2);
+        let lost = self.detect_lost_packets(epoch, now, trace_id);
+        self.epochs[epoch].largest_acked_packet = saved;
+        lost
+    }
+
     fn loss_detection_timer(&self) -> Option<Instant> {
         self.loss_timer.time
     }
