@@ -407,8 +407,8 @@ fn nat_rebinding_mid_download() {
 
 /// FIXED by vendor/quiche-rebinding.patch, kept as a regression test (NAT rebinding on a lossy,
 /// reordering link): the old port keeps delivering, the network reorders (5 ms jitter) and loses
-/// 6 %. quiche 0.30 on the server failed the new path's validation (late PATH_RESPONSEs for
-/// challenges already declared lost were ignored), reverted to the old address, then made the
+/// 6 %. quiche 0.30 on the server failed the new path's validation (a lost PATH_RESPONSE, or a
+/// late one for a challenge already declared lost), reverted to the old address, then made the
 /// failed path active again when the client's next packet came from it; a failed path is never
 /// `active()`, so the next packet found no active path and quiche closed the connection with
 /// PROTOCOL_VIOLATION (0xa). Failed 10 runs of 10 before the patch, passes 10 of 10.

@@ -179,9 +179,6 @@ pub struct Path {
     /// when they were sent.
     in_flight_challenges: VecDeque<([u8; 8], usize, Instant)>,
 
-    /// h3gate patch: challenges declared lost, with their packet size, so
-    /// that a late PATH_RESPONSE (a reordering or slow path) still validates.
-    lost_challenges: VecDeque<([u8; 8], usize)>,
 
     /// The maximum challenge size that got acknowledged.
     max_challenge_size: usize,
@@ -304,7 +301,6 @@ impl Path {
             recovery: recovery::Recovery::new_with_config(recovery_config),
             pmtud,
             in_flight_challenges: VecDeque::new(),
-            lost_challenges: VecDeque::new(),
             max_challenge_size: 0,
             probing_lost: 0,
             last_probe_lost_time: None,
@@ -457,8 +453,7 @@ impl Path {
     }
 
     pub fn has_pending_challenge(&self, data: [u8; 8]) -> bool {
-        self.in_flight_challenges.iter().any(|(d, ..)| *d == data) ||
-            self.lost_challenges.iter().any(|(d, _)| *d == data)
+        self.in_flight_challenges.iter().any(|(d, ..)| *d == data)
     }
 
     /// Returns whether the path is now validated.
@@ -468,14 +463,6 @@ impl Path {
 
         let mut challenge_size = 0;
         self.in_flight_challenges.retain(|(d, s, _)| {
-            if *d == data {
-                challenge_size = *s;
-                false
-            } else {
-                true
-            }
-        });
-        self.lost_challenges.retain(|(d, s)| {
             if *d == data {
                 challenge_size = *s;
                 false
@@ -525,16 +512,11 @@ impl Path {
         );
 
         let mut lost_probe_time = None;
-        let lost = &mut self.lost_challenges;
-        self.in_flight_challenges.retain(|(data, size, sent_time)| {
+        self.in_flight_challenges.retain(|(_, _, sent_time)| {
             if *sent_time <= now {
                 if lost_probe_time.is_none() {
                     lost_probe_time = Some(*sent_time);
                 }
-                if lost.len() == 8 {
-                    lost.pop_front();
-                }
-                lost.push_back((*data, *size));
                 false
             } else {
                 true
