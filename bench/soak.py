@@ -699,6 +699,17 @@ def busy(st):
     return st["backend_connections"] - st["backend_connections_idle"]
 
 
+def wait_idle(soak, limit_s):
+    """Seconds until no connection, stream or busy backend connection is left, or None."""
+    t0 = time.monotonic()
+    while soak.proxy.alive() and time.monotonic() - t0 < limit_s:
+        st = stats(soak.stats_port)
+        if st and st["connections"] == 0 and st["streams"] == 0 and busy(st) == 0:
+            return time.monotonic() - t0
+        time.sleep(0.5)
+    return None
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 
@@ -779,13 +790,7 @@ def main():
                 log("quiet point: holding the loops until the proxy is idle")
                 soak.hold.set()
                 h0 = time.monotonic()
-                idle = False
-                while soak.proxy.alive() and time.monotonic() - h0 < QUIESCE_S + 30:
-                    st = stats(soak.stats_port)
-                    if st and st["connections"] == 0 and st["streams"] == 0 and busy(st) == 0:
-                        idle = True
-                        break
-                    time.sleep(0.5)
+                idle = wait_idle(soak, QUIESCE_S + 30) is not None
                 time.sleep(1.0)  # as after the load: the worker's malloc_trim once idle
                 q = soak.sample(t0)
                 result["mid_quiet_rss_kib"] = q[1] if idle else None
@@ -826,14 +831,7 @@ def main():
         # Quiescence: QUIC connections and streams first, then the backend pool (the origin
         # closes idle keep-alive connections after 60 s), then the budget.
         q0 = time.monotonic()
-        quiet = None
-        while soak.proxy.alive() and time.monotonic() - q0 < QUIESCE_S:
-            st = stats(soak.stats_port)
-            if st and st["connections"] == 0 and st["streams"] == 0 and busy(st) == 0:
-                quiet = time.monotonic() - q0
-                break
-            time.sleep(0.5)
-        result["quiet_s"] = quiet
+        result["quiet_s"] = wait_idle(soak, QUIESCE_S)
         bquiet = None
         while soak.proxy.alive() and time.monotonic() - q0 < BACKEND_QUIESCE_S:
             st = stats(soak.stats_port)
