@@ -121,6 +121,8 @@ pub struct Stats {
     pub gso_disabled: u64,
     pub retries_sent: u64,
     pub retry_token_invalid: u64,
+    /// Initials with an invalid Retry token answered with CONNECTION_CLOSE(INVALID_TOKEN).
+    pub invalid_token_closes: u64,
     /// New connections refused because the budget was above its high-water mark.
     pub refused_conns: u64,
     /// Requests that had to wait in the admission queue for budget.

@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::cid::{self, CID_LEN};
 use crate::config::{Frontend, RetryMode};
 use crate::core::{ConnKey, Core, Handoff, StreamKey, Timer, Transmit};
+use crate::initial;
 use crate::token;
 
 pub const H3_NO_ERROR: u64 = 0x100;
@@ -23,8 +24,9 @@ const ACTIVE_CIDS: u64 = 4;
 /// connection may keep, and it frees an old path only once no CID is linked to it; each NAT
 /// rebinding adds a path. 16 lets a connection survive that many rebindings (see README).
 const MAX_PATHS: u64 = 16;
-/// Stateless resets per worker per second; they answer unauthenticated input.
-const RESETS_PER_SEC: u32 = 100;
+/// Stateless answers (resets, INVALID_TOKEN closes) per worker per second; they answer
+/// unauthenticated input.
+const STATELESS_PER_SEC: u32 = 100;
 
 pub struct Conn {
     pub(crate) q: quiche::Connection,
@@ -205,11 +207,21 @@ impl Core {
                 token,
             ) {
                 Ok(odcid) => Some(odcid),
+                Err(token::TokenError::Malformed) => {
+                    // Not one of our Retry tokens: most likely a NEW_TOKEN token from whatever
+                    // server had this address before. RFC 9000 §8.1.3: proceed as if there were
+                    // no token (a Retry or a plain accept below), or the client would hang.
+                    log::debug!("ignoring a foreign token from {from}");
+                    None
+                }
                 Err(e) => {
-                    // A token we cannot validate (forged, expired, another address) proves
-                    // nothing; drop rather than let it skip address validation.
+                    // Ours, but expired or bound to another address (the client's NAT rebound
+                    // after our Retry), or forged. It proves nothing, and the client will not
+                    // take a second Retry: close with INVALID_TOKEN (§8.1.3) so it fails now
+                    // instead of at its handshake timeout.
                     self.stats.retry_token_invalid += 1;
                     log::debug!("invalid retry token from {from}: {e:?}");
+                    self.answer_invalid_token(now, listener, from, to, &hdr, buf.len());
                     return;
                 }
             }
@@ -384,6 +396,43 @@ impl Core {
         Some(key)
     }
 
+    /// Takes one stateless answer from this second's budget: resets and INVALID_TOKEN closes
+    /// answer unauthenticated input, so their rate is bounded whatever arrives.
+    fn stateless_budget(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.reset_budget.0).as_secs() >= 1 {
+            self.reset_budget = (now, 0);
+        }
+        if self.reset_budget.1 >= STATELESS_PER_SEC {
+            return false;
+        }
+        self.reset_budget.1 += 1;
+        true
+    }
+
+    fn answer_invalid_token(
+        &mut self,
+        now: Instant,
+        listener: usize,
+        from: SocketAddr,
+        to: SocketAddr,
+        hdr: &quiche::Header,
+        trigger_len: usize,
+    ) {
+        // Budget first: over it, not even the key derivation is spent on the packet.
+        if !self.stateless_budget(now) {
+            return;
+        }
+        let Some(pkt) = initial::invalid_token_close(hdr.version, &hdr.dcid, &hdr.scid) else {
+            return;
+        };
+        // Never more bytes than the trigger (it was a padded Initial, so this always holds).
+        if pkt.len() > trigger_len {
+            return;
+        }
+        self.stats.invalid_token_closes += 1;
+        self.push_stateless(listener, from, to, pkt);
+    }
+
     fn answer_unknown_short(
         &mut self,
         now: Instant,
@@ -399,16 +448,12 @@ impl Core {
         if cid::owner_of(dcid).is_none() {
             return;
         }
-        if now.saturating_duration_since(self.reset_budget.0).as_secs() >= 1 {
-            self.reset_budget = (now, 0);
-        }
-        if self.reset_budget.1 >= RESETS_PER_SEC {
-            return;
-        }
         let mut out = vec![0u8; 64];
-        if let Some(n) = cid::stateless_reset(&self.secret, dcid, len, &mut out) {
+        let Some(n) = cid::stateless_reset(&self.secret, dcid, len, &mut out) else {
+            return;
+        };
+        if self.stateless_budget(now) {
             out.truncate(n);
-            self.reset_budget.1 += 1;
             self.stats.stateless_resets += 1;
             self.push_stateless(listener, from, to, out);
         }
@@ -736,5 +781,180 @@ impl Core {
             s.sent,
             s.lost
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Listener;
+
+    const LISTEN: &str = "127.0.0.1:4433";
+
+    fn core(retry: &str, now: Instant) -> Core {
+        let dir = env!("CARGO_MANIFEST_DIR");
+        let text = format!(
+            "global\n    workers 1\nfrontend web\n    bind {LISTEN}\n    \
+             cert {dir}/tests/data/cert.pem\n    key {dir}/tests/data/key.pem\n    \
+             default_backend app\n    quic-retry {retry}\nbackend app\n    server s0 127.0.0.1:9\n"
+        );
+        let config = crate::config::parse("t.conf", &text).expect("config");
+        let qc = quic_config(&config.frontends[0]).expect("quic config");
+        let listener = Listener {
+            frontend: 0,
+            local: LISTEN.parse().expect("addr"),
+        };
+        Core::new(
+            0,
+            &config,
+            vec![listener],
+            vec![qc],
+            cid::Secret::from_bytes([5; 32]),
+            now,
+        )
+        .expect("core")
+    }
+
+    /// Everything the core sends now.
+    fn drain(core: &mut Core, now: Instant) -> Vec<Vec<u8>> {
+        core.flush(now);
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while let Some(t) = core.poll_transmit(now, &mut buf) {
+            out.push(buf[..t.len].to_vec());
+        }
+        out
+    }
+
+    /// A quiche client that took a Retry carrying `token` (ours or anyone's) and the Initial
+    /// it sends next, which carries that token.
+    fn client_after_retry(
+        from: SocketAddr,
+        retry: Option<Vec<u8>>,
+        token: &[u8],
+    ) -> (quiche::Connection, Vec<u8>) {
+        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
+        cfg.set_application_protos(&[b"h3"]).expect("alpn");
+        cfg.verify_peer(false);
+        let server: SocketAddr = LISTEN.parse().expect("addr");
+        let scid = [0x42u8; 16];
+        let mut q = quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&scid),
+            from,
+            server,
+            &mut cfg,
+        )
+        .expect("connect");
+        let mut buf = vec![0u8; 1500];
+        let (n, _) = q.send(&mut buf).expect("send");
+        let mut retry = match retry {
+            Some(r) => r,
+            None => {
+                let hdr = quiche::Header::from_slice(&mut buf[..n], 16).expect("hdr");
+                let mut out = vec![0u8; 1500];
+                let n = quiche::retry(
+                    &hdr.scid,
+                    &hdr.dcid,
+                    &quiche::ConnectionId::from_ref(&[0x77; 16]),
+                    token,
+                    hdr.version,
+                    &mut out,
+                )
+                .expect("retry");
+                out.truncate(n);
+                out
+            }
+        };
+        let info = quiche::RecvInfo {
+            from: server,
+            to: from,
+        };
+        q.recv(&mut retry, info).expect("client takes the retry");
+        let (n, _) = q.send(&mut buf).expect("send");
+        buf.truncate(n);
+        (q, buf)
+    }
+
+    fn ty(pkt: &mut [u8]) -> quiche::Type {
+        quiche::Header::from_slice(pkt, CID_LEN).expect("hdr").ty
+    }
+
+    /// A token that is not one of ours (a NEW_TOKEN token from the server that had this address
+    /// before) counts as no token: RFC 9000 §8.1.3. Dropping it would leave the client hanging.
+    #[test]
+    fn foreign_token_is_treated_as_no_token() {
+        let now = Instant::now();
+        let from: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let to: SocketAddr = LISTEN.parse().expect("addr");
+        // quic-retry always: we answer with a Retry, as to a client without a token.
+        let mut c = core("always", now);
+        let (_, mut init) = client_after_retry(from, None, b"someone else's token");
+        c.on_datagram(now, 0, from, to, &mut init);
+        let mut out = drain(&mut c, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(ty(&mut out[0]), quiche::Type::Retry);
+        assert_eq!(c.stats().retry_token_invalid, 0);
+        // quic-retry off: accepted.
+        let mut c = core("off", now);
+        let (_, mut init) = client_after_retry(from, None, b"someone else's token");
+        c.on_datagram(now, 0, from, to, &mut init);
+        assert_eq!(c.live().0, 1);
+        assert_eq!(c.stats().retry_token_invalid, 0);
+    }
+
+    /// NAT rebinding between our Retry and the client's next Initial: the token names the old
+    /// address. The core answers with a stateless CONNECTION_CLOSE(INVALID_TOKEN), no bigger
+    /// than the trigger and bounded per second, and keeps no state.
+    #[test]
+    fn token_for_another_address_gets_invalid_token_close() {
+        let now = Instant::now();
+        let old: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let new: SocketAddr = "192.0.2.7:5001".parse().expect("addr");
+        let to: SocketAddr = LISTEN.parse().expect("addr");
+        let mut c = core("always", now);
+        // First flight from the old port: the core's Retry.
+        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
+        cfg.set_application_protos(&[b"h3"]).expect("alpn");
+        cfg.verify_peer(false);
+        let mut q = quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&[0x42; 16]),
+            old,
+            to,
+            &mut cfg,
+        )
+        .expect("connect");
+        let mut buf = vec![0u8; 1500];
+        let (n, _) = q.send(&mut buf).expect("send");
+        c.on_datagram(now, 0, old, to, &mut buf[..n]);
+        let mut out = drain(&mut c, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(ty(&mut out[0]), quiche::Type::Retry);
+        q.recv(&mut out[0], quiche::RecvInfo { from: to, to: old })
+            .expect("client takes the retry");
+        // The NAT rebinds: the token-carrying Initial arrives from a new port.
+        let (n, _) = q.send(&mut buf).expect("send");
+        let init = buf[..n].to_vec();
+        c.on_datagram(now, 0, new, to, &mut init.clone());
+        let mut out = drain(&mut c, now);
+        assert_eq!(out.len(), 1, "one close");
+        assert!(out[0].len() < init.len());
+        assert_eq!(c.live().0, 0, "no state kept");
+        // The NAT maps it back: the client still sees its own, unchanged address.
+        q.recv(&mut out[0], quiche::RecvInfo { from: to, to: old })
+            .expect("client reads the close");
+        let e = q.peer_error().expect("closed by the server");
+        assert!(!e.is_app);
+        assert_eq!(e.error_code, initial::INVALID_TOKEN);
+        // Rate bound: the same trigger 150 times in one second gets 100 answers.
+        for _ in 1..150 {
+            c.on_datagram(now, 0, new, to, &mut init.clone());
+        }
+        assert_eq!(drain(&mut c, now).len(), STATELESS_PER_SEC as usize - 1);
+        let s = c.stats();
+        assert_eq!(s.retry_token_invalid, 150);
+        assert_eq!(s.invalid_token_closes, u64::from(STATELESS_PER_SEC));
+        assert_eq!(c.live().0, 0);
     }
 }

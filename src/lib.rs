@@ -12,6 +12,7 @@ pub mod core;
 pub mod diag;
 pub mod frontend;
 pub mod http1;
+pub mod initial;
 pub mod logger;
 pub mod metrics;
 pub mod notify;

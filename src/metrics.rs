@@ -201,9 +201,16 @@ static FAMILIES: &[Family] = &[
     family!(
         "h3gate_retry_tokens_invalid_total",
         "counter",
-        "Initial packets dropped for an invalid or expired Retry token.",
+        "Initial packets whose Retry token was ours but expired, forged or bound to another address.",
         "retry_token_invalid",
         |s| s.stats.retry_token_invalid
+    ),
+    family!(
+        "h3gate_invalid_token_closes_total",
+        "counter",
+        "Stateless CONNECTION_CLOSE(INVALID_TOKEN) sent for them (rate-bounded with stateless resets).",
+        "invalid_token_closes",
+        |s| s.stats.invalid_token_closes
     ),
     family!(
         "h3gate_handshakes_total",
