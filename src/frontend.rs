@@ -39,7 +39,10 @@ pub struct Conn {
     /// Every CID routed to this connection, removed from the routing map at reap.
     pub(crate) cids: Vec<Vec<u8>>,
     pub(crate) dirty: bool,
+    /// When the armed `Timer::Conn` entry fires (quiche's `timeout_instant` when armed).
     pub(crate) timer_at: Option<Instant>,
+    /// When the armed `Timer::Handshake` entry fires; `None` once established.
+    pub(crate) handshake_at: Option<Instant>,
     /// Lowest client stream id not yet seen: the GOAWAY id on shutdown.
     pub(crate) next_stream_id: u64,
     pub(crate) goaway: Option<u64>,
@@ -365,6 +368,7 @@ impl Core {
             cids: vec![scid.to_vec()],
             dirty: false,
             timer_at: None,
+            handshake_at: None,
             next_stream_id: 0,
             goaway: None,
             flushing: Vec::new(),
@@ -389,8 +393,9 @@ impl Core {
             *n += 1;
         }
         let handshake = self.frontends.get(fe_idx).map(|f| f.timeouts.handshake);
-        if let Some(t) = handshake {
-            self.schedule(now + t, Timer::Handshake(key));
+        if let (Some(t), Some(c)) = (handshake, self.conns.get_mut(key)) {
+            c.handshake_at = Some(now + t);
+            self.schedule(None, now + t, Timer::Handshake(key));
         }
         log::debug!("new connection {key:?} from {from}");
         Some(key)
@@ -462,12 +467,14 @@ impl Core {
     /// Everything a connection needs after input: HTTP/3 events, pending stream output, path
     /// events, CID top-up, close when drained.
     pub(crate) fn service_conn(&mut self, key: ConnKey, now: Instant) {
+        let mut handshake_done = None;
         let h3_ready = {
             let Some(c) = self.conns.get_mut(key) else {
                 return;
             };
             if c.q.is_established() && !c.established {
                 c.established = true;
+                handshake_done = c.handshake_at.take();
                 debug_assert!(self.half_open > 0);
                 self.half_open = self.half_open.saturating_sub(1);
                 self.stats.handshakes += 1;
@@ -490,6 +497,7 @@ impl Core {
             }
             self.conns.get(key).is_some_and(|c| c.h3.is_some())
         };
+        self.unschedule(handshake_done, Timer::Handshake(key));
         if h3_ready {
             self.poll_h3(key, now);
             self.push_streams(key, now);
@@ -713,8 +721,8 @@ impl Core {
         }
         if let Some(at) = c.q.timeout_instant() {
             if c.timer_at != Some(at) {
-                c.timer_at = Some(at);
-                self.schedule(at, Timer::Conn(key));
+                let old = c.timer_at.replace(at);
+                self.schedule(old, at, Timer::Conn(key));
             }
         }
     }
@@ -723,8 +731,9 @@ impl Core {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
+        debug_assert_eq!(c.timer_at, Some(at), "a fired entry is the armed one");
         if c.timer_at != Some(at) {
-            return; // superseded by a later schedule
+            return;
         }
         c.timer_at = None;
         if c.q.timeout_instant().is_some_and(|t| t <= now) {
@@ -739,6 +748,7 @@ impl Core {
         let Some(c) = self.conns.get_mut(key) else {
             return;
         };
+        c.handshake_at = None;
         if c.q.is_established() || c.q.is_closed() {
             return;
         }
@@ -757,6 +767,8 @@ impl Core {
         let Some(c) = self.conns.remove(key) else {
             return;
         };
+        self.unschedule(c.timer_at, Timer::Conn(key));
+        self.unschedule(c.handshake_at, Timer::Handshake(key));
         for id in &c.cids {
             if self.cids.get(id) == Some(&key) {
                 self.cids.remove(id);

@@ -396,7 +396,7 @@ impl Core {
             return;
         }
         s.wait = None;
-        s.deadline = None;
+        self.set_stream_deadline(sk, None);
         self.pool.release(w.reserved);
         self.assign_backend(now, sk);
     }
@@ -711,10 +711,12 @@ impl Core {
         if self.streams.get(sk).is_some_and(|s| s.resp_end) {
             // Nothing more is awaited from the server; delivering the rest to the client is
             // bounded by `timeout client` (QUIC idle timeout), not `timeout server`.
-            if let Some(s) = self.streams.get_mut(sk) {
-                if s.wait.is_none() && !s.queued {
-                    s.deadline = None;
-                }
+            if self
+                .streams
+                .get(sk)
+                .is_some_and(|s| s.wait.is_none() && !s.queued)
+            {
+                self.set_stream_deadline(sk, None);
             }
             self.release_backend(sk);
         }
@@ -826,8 +828,8 @@ impl Core {
         }
         s.queued = false;
         s.resp_end = true;
-        s.deadline = None;
         s.retry_head = None;
+        self.set_stream_deadline(sk, None);
         self.close_backend_of(sk);
         self.send_response_data(sk);
         self.pump_request(now, sk); // discard any body still arriving
@@ -906,6 +908,7 @@ impl Core {
         let Some(mut s) = self.streams.remove(sk) else {
             return;
         };
+        self.unschedule(s.deadline, Timer::Stream(sk));
         s.release_buffers(&mut self.pool);
         if let Some(c) = self.conns.get_mut(s.conn) {
             if c.streams.get(&s.id) == Some(&sk) {
@@ -950,8 +953,8 @@ impl Core {
                 );
                 if let Some(s) = self.streams.get_mut(sk) {
                     s.wait = None;
-                    s.deadline = None;
                 }
+                self.set_stream_deadline(sk, None);
                 self.pool.release(w.reserved);
                 self.assign_backend(now, sk);
                 return;
@@ -981,9 +984,10 @@ impl Core {
         let Some(s) = self.streams.get_mut(sk) else {
             return;
         };
-        s.deadline = at;
-        if let Some(at) = at {
-            self.schedule(at, Timer::Stream(sk));
+        let old = std::mem::replace(&mut s.deadline, at);
+        match at {
+            Some(at) => self.schedule(old, at, Timer::Stream(sk)),
+            None => self.unschedule(old, Timer::Stream(sk)),
         }
     }
 
