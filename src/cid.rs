@@ -76,6 +76,12 @@ pub fn owner_of(dcid: &[u8]) -> Option<u8> {
     }
 }
 
+/// Whether a short-header datagram of `trigger_len` bytes is big enough to be answered with a
+/// stateless reset (see [`stateless_reset`]).
+pub fn reset_fits(trigger_len: usize) -> bool {
+    trigger_len.saturating_sub(1).min(43) >= MIN_RESET_LEN
+}
+
 /// Builds a stateless reset answering a short-header datagram of `trigger_len` bytes for `dcid`.
 /// Returns None when the trigger is too small: a reset must be smaller than what caused it so two
 /// endpoints cannot loop (RFC 9000 §10.3.3), and at least `MIN_RESET_LEN`.
@@ -134,6 +140,14 @@ mod tests {
                 }
                 None => assert!(trigger <= MIN_RESET_LEN),
             }
+        }
+        // The cheap pre-check the frontend runs before paying for a reset agrees with it.
+        for trigger in 0..100 {
+            assert_eq!(
+                reset_fits(trigger),
+                stateless_reset(&s, &cid, trigger, &mut out).is_some(),
+                "trigger {trigger}"
+            );
         }
     }
 }

@@ -90,6 +90,34 @@ pub(crate) enum Timer {
     Drain,
 }
 
+/// At most a fixed number of events per one-second window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateBound {
+    start: Instant,
+    used: u32,
+}
+
+impl RateBound {
+    pub(crate) fn new(now: Instant) -> Self {
+        RateBound {
+            start: now,
+            used: 0,
+        }
+    }
+
+    /// Takes one event from this second's `per_sec`; false when they are spent.
+    pub(crate) fn take(&mut self, now: Instant, per_sec: u32) -> bool {
+        if now.saturating_duration_since(self.start).as_secs() >= 1 {
+            *self = RateBound::new(now);
+        }
+        if self.used >= per_sec {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
+}
+
 /// Counters; printed at shutdown and (later) served on the metrics endpoint.
 #[derive(Default, Debug, Clone)]
 pub struct Stats {
@@ -200,7 +228,10 @@ pub struct Core {
     pub(crate) scratch: Vec<u8>,
 
     pub(crate) drain_deadline: Option<Instant>,
-    pub(crate) reset_budget: (Instant, u32),
+    /// Stateless resets and INVALID_TOKEN closes answer unauthenticated input: each has its own
+    /// per-second bound, so a flood of one kind cannot silence the other.
+    pub(crate) reset_rate: RateBound,
+    pub(crate) close_rate: RateBound,
     pub stats: Stats,
 }
 
@@ -297,7 +328,8 @@ impl Core {
             had_conns: false,
             scratch: vec![0u8; 64 * 1024],
             drain_deadline: None,
-            reset_budget: (now, 0),
+            reset_rate: RateBound::new(now),
+            close_rate: RateBound::new(now),
             stats: Stats::default(),
         };
         core.apply_windows();
@@ -418,6 +450,13 @@ impl Core {
 
     /// Arms timer `t` at `at`, replacing its entry at `old` (the instant its owner recorded).
     pub(crate) fn schedule(&mut self, old: Option<Instant>, at: Instant, t: Timer) {
+        if old == Some(at) {
+            debug_assert!(
+                self.timers.contains(&(at, t)),
+                "a recorded instant is armed"
+            );
+            return;
+        }
         self.unschedule(old, t);
         self.timers.insert((at, t));
     }
@@ -643,6 +682,30 @@ impl Core {
                     assert_eq!(self.streams.get(k).and_then(|s| s.deadline), Some(at))
                 }
                 Timer::Drain => assert_eq!(self.drain_deadline, Some(at)),
+            }
+        }
+        // And the other way: every instant an owner records is armed (a lost timer would
+        // leave a stream or connection waiting forever).
+        for (ck, c) in self.conns.iter() {
+            if let Some(at) = c.timer_at {
+                assert!(
+                    self.timers.contains(&(at, Timer::Conn(ck))),
+                    "conn timer lost"
+                );
+            }
+            if let Some(at) = c.handshake_at {
+                assert!(
+                    self.timers.contains(&(at, Timer::Handshake(ck))),
+                    "handshake timer lost"
+                );
+            }
+        }
+        for (sk, s) in self.streams.iter() {
+            if let Some(at) = s.deadline {
+                assert!(
+                    self.timers.contains(&(at, Timer::Stream(sk))),
+                    "stream timer lost"
+                );
             }
         }
         for (sk, s) in self.streams.iter() {

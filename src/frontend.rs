@@ -24,7 +24,7 @@ const ACTIVE_CIDS: u64 = 4;
 /// connection may keep, and it frees an old path only once no CID is linked to it; each NAT
 /// rebinding adds a path. 16 lets a connection survive that many rebindings (see README).
 const MAX_PATHS: u64 = 16;
-/// Stateless answers (resets, INVALID_TOKEN closes) per worker per second; they answer
+/// Stateless resets, and separately INVALID_TOKEN closes, per worker per second: they answer
 /// unauthenticated input.
 const STATELESS_PER_SEC: u32 = 100;
 
@@ -132,9 +132,13 @@ impl Core {
             return;
         }
         // Not ours: a CID another worker issued (steering off, a client that moved, a group
-        // change) goes to its owner, never processed here. Only short and Handshake headers are
-        // sure to carry one of our CIDs; an Initial may carry the client's random DCID.
-        if matches!(hdr.ty, quiche::Type::Short | quiche::Type::Handshake) {
+        // change) goes to its owner, never processed here. Short and Handshake headers always
+        // carry one of our CIDs; an Initial only when it answers a Retry (it carries a token;
+        // the token is bound to that CID, so only its owner's connection can use it). Other
+        // Initials carry the client's random DCID.
+        let retry_answer =
+            hdr.ty == quiche::Type::Initial && hdr.token.as_ref().is_some_and(|t| !t.is_empty());
+        if matches!(hdr.ty, quiche::Type::Short | quiche::Type::Handshake) || retry_answer {
             if let Some(owner) = cid::owner_of(hdr.dcid.as_ref()) {
                 if owner != self.worker && owner < self.workers {
                     self.stats.handoffs_out += 1;
@@ -199,7 +203,11 @@ impl Core {
             return;
         };
         let token = hdr.token.as_deref().unwrap_or(&[]);
-        let validated = if token.is_empty() {
+        // A client answering our Retry addresses the CID that Retry chose, one of ours; the token
+        // is bound to it. Any other DCID means the token is not one of ours (most likely a
+        // NEW_TOKEN token from whatever server had this address before): RFC 9000 §8.1.3, go
+        // on as if there were none, without spending an HMAC on it.
+        let validated = if token.is_empty() || cid::owner_of(hdr.dcid.as_ref()).is_none() {
             None
         } else {
             match token::validate(
@@ -211,9 +219,8 @@ impl Core {
             ) {
                 Ok(odcid) => Some(odcid),
                 Err(token::TokenError::Malformed) => {
-                    // Not one of our Retry tokens: most likely a NEW_TOKEN token from whatever
-                    // server had this address before. RFC 9000 §8.1.3: proceed as if there were
-                    // no token (a Retry or a plain accept below), or the client would hang.
+                    // Not our layout either: a foreign token after all (a DCID shaped like ours
+                    // by chance). As if there were none (a Retry or a plain accept below).
                     log::debug!("ignoring a foreign token from {from}");
                     None
                 }
@@ -247,7 +254,11 @@ impl Core {
                 (scid, Some(odcid.as_slice()))
             }
             Some(_) => {
+                // A valid token for a CID of a worker this process does not have (another
+                // node sharing the cluster secret, a different worker count): the connection
+                // cannot live here under that CID, and the client takes no second Retry.
                 self.stats.retry_token_invalid += 1;
+                self.answer_invalid_token(now, listener, from, to, &hdr, buf.len());
                 return;
             }
             None => (cid::new_cid(self.worker), None),
@@ -401,19 +412,6 @@ impl Core {
         Some(key)
     }
 
-    /// Takes one stateless answer from this second's budget: resets and INVALID_TOKEN closes
-    /// answer unauthenticated input, so their rate is bounded whatever arrives.
-    fn stateless_budget(&mut self, now: Instant) -> bool {
-        if now.saturating_duration_since(self.reset_budget.0).as_secs() >= 1 {
-            self.reset_budget = (now, 0);
-        }
-        if self.reset_budget.1 >= STATELESS_PER_SEC {
-            return false;
-        }
-        self.reset_budget.1 += 1;
-        true
-    }
-
     fn answer_invalid_token(
         &mut self,
         now: Instant,
@@ -423,8 +421,8 @@ impl Core {
         hdr: &quiche::Header,
         trigger_len: usize,
     ) {
-        // Budget first: over it, not even the key derivation is spent on the packet.
-        if !self.stateless_budget(now) {
+        // The bound first: over it, not even the key derivation is spent on the packet.
+        if !self.close_rate.take(now, STATELESS_PER_SEC) {
             return;
         }
         let Some(pkt) = initial::invalid_token_close(hdr.version, &hdr.dcid, &hdr.scid) else {
@@ -453,11 +451,12 @@ impl Core {
         if cid::owner_of(dcid).is_none() {
             return;
         }
-        let mut out = vec![0u8; 64];
-        let Some(n) = cid::stateless_reset(&self.secret, dcid, len, &mut out) else {
+        // Cheap checks and the bound before the HMAC and the random bytes.
+        if !cid::reset_fits(len) || !self.reset_rate.take(now, STATELESS_PER_SEC) {
             return;
-        };
-        if self.stateless_budget(now) {
+        }
+        let mut out = vec![0u8; 64];
+        if let Some(n) = cid::stateless_reset(&self.secret, dcid, len, &mut out) {
             out.truncate(n);
             self.stats.stateless_resets += 1;
             self.push_stateless(listener, from, to, out);
@@ -804,6 +803,11 @@ mod tests {
     const LISTEN: &str = "127.0.0.1:4433";
 
     fn core(retry: &str, now: Instant) -> Core {
+        core_of(0, retry, now)
+    }
+
+    /// Worker `worker`'s core; every core here shares one secret, as the workers of a process do.
+    fn core_of(worker: u8, retry: &str, now: Instant) -> Core {
         let dir = env!("CARGO_MANIFEST_DIR");
         let text = format!(
             "global\n    workers 1\nfrontend web\n    bind {LISTEN}\n    \
@@ -817,7 +821,7 @@ mod tests {
             local: LISTEN.parse().expect("addr"),
         };
         Core::new(
-            0,
+            worker,
             &config,
             vec![listener],
             vec![qc],
@@ -842,7 +846,7 @@ mod tests {
     /// it sends next, which carries that token.
     fn client_after_retry(
         from: SocketAddr,
-        retry: Option<Vec<u8>>,
+        retry_scid: &[u8],
         token: &[u8],
     ) -> (quiche::Connection, Vec<u8>) {
         let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
@@ -860,24 +864,18 @@ mod tests {
         .expect("connect");
         let mut buf = vec![0u8; 1500];
         let (n, _) = q.send(&mut buf).expect("send");
-        let mut retry = match retry {
-            Some(r) => r,
-            None => {
-                let hdr = quiche::Header::from_slice(&mut buf[..n], 16).expect("hdr");
-                let mut out = vec![0u8; 1500];
-                let n = quiche::retry(
-                    &hdr.scid,
-                    &hdr.dcid,
-                    &quiche::ConnectionId::from_ref(&[0x77; 16]),
-                    token,
-                    hdr.version,
-                    &mut out,
-                )
-                .expect("retry");
-                out.truncate(n);
-                out
-            }
-        };
+        let hdr = quiche::Header::from_slice(&mut buf[..n], 16).expect("hdr");
+        let mut retry = vec![0u8; 1500];
+        let n = quiche::retry(
+            &hdr.scid,
+            &hdr.dcid,
+            &quiche::ConnectionId::from_ref(retry_scid),
+            token,
+            hdr.version,
+            &mut retry,
+        )
+        .expect("retry");
+        retry.truncate(n);
         let info = quiche::RecvInfo {
             from: server,
             to: from,
@@ -894,25 +892,86 @@ mod tests {
 
     /// A token that is not one of ours (a NEW_TOKEN token from the server that had this address
     /// before) counts as no token: RFC 9000 §8.1.3. Dropping it would leave the client hanging.
+    /// Two shapes: a DCID we would never issue (8 bytes; no HMAC is spent on it) and one shaped
+    /// like ours by chance (16 bytes, a worker byte this process does not have).
     #[test]
     fn foreign_token_is_treated_as_no_token() {
         let now = Instant::now();
         let from: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
         let to: SocketAddr = LISTEN.parse().expect("addr");
-        // quic-retry always: we answer with a Retry, as to a client without a token.
-        let mut c = core("always", now);
-        let (_, mut init) = client_after_retry(from, None, b"someone else's token");
-        c.on_datagram(now, 0, from, to, &mut init);
-        let mut out = drain(&mut c, now);
-        assert_eq!(out.len(), 1);
+        for dcid in [&[0x77u8; 8][..], &[0x77u8; 16][..]] {
+            // quic-retry always: we answer with a Retry, as to a client without a token.
+            let mut c = core("always", now);
+            let (_, mut init) = client_after_retry(from, dcid, b"someone else's token");
+            c.on_datagram(now, 0, from, to, &mut init);
+            let mut out = drain(&mut c, now);
+            assert_eq!(out.len(), 1);
+            assert_eq!(ty(&mut out[0]), quiche::Type::Retry);
+            assert_eq!(c.stats().retry_token_invalid, 0);
+            // quic-retry off: accepted.
+            let mut c = core("off", now);
+            let (_, mut init) = client_after_retry(from, dcid, b"someone else's token");
+            c.on_datagram(now, 0, from, to, &mut init);
+            assert_eq!(c.live().0, 1);
+            assert_eq!(c.stats().retry_token_invalid, 0);
+        }
+    }
+
+    /// A valid token for a CID of another worker: handed to that worker (its Retry, its CID);
+    /// when no worker of this process owns the CID (another node sharing the cluster secret,
+    /// with more workers), the client gets INVALID_TOKEN at once rather than hanging.
+    #[test]
+    fn retry_answer_for_another_worker_is_handed_over() {
+        let now = Instant::now();
+        let from: SocketAddr = "192.0.2.7:5000".parse().expect("addr");
+        let to: SocketAddr = LISTEN.parse().expect("addr");
+        // Worker 1 answers the first Initial with a Retry (its CID, our shared secret).
+        let mut w1 = core_of(1, "always", now);
+        w1.set_workers(2);
+        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
+        cfg.set_application_protos(&[b"h3"]).expect("alpn");
+        cfg.verify_peer(false);
+        let mut q = quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&[0x42; 16]),
+            from,
+            to,
+            &mut cfg,
+        )
+        .expect("connect");
+        let mut buf = vec![0u8; 1500];
+        let (n, _) = q.send(&mut buf).expect("send");
+        w1.on_datagram(now, 0, from, to, &mut buf[..n]);
+        let mut out = drain(&mut w1, now);
         assert_eq!(ty(&mut out[0]), quiche::Type::Retry);
-        assert_eq!(c.stats().retry_token_invalid, 0);
-        // quic-retry off: accepted.
-        let mut c = core("off", now);
-        let (_, mut init) = client_after_retry(from, None, b"someone else's token");
-        c.on_datagram(now, 0, from, to, &mut init);
-        assert_eq!(c.live().0, 1);
-        assert_eq!(c.stats().retry_token_invalid, 0);
+        q.recv(&mut out[0], quiche::RecvInfo { from: to, to: from })
+            .expect("client takes the retry");
+        let (n, _) = q.send(&mut buf).expect("send");
+        let init = buf[..n].to_vec();
+        // The answer lands on worker 0 (no kernel steering): handed to worker 1.
+        let mut w0 = core_of(0, "always", now);
+        w0.set_workers(2);
+        w0.on_datagram(now, 0, from, to, &mut init.clone());
+        let h = w0.poll_handoff().expect("handed off");
+        assert_eq!(h.worker, 1);
+        assert!(drain(&mut w0, now).is_empty());
+        assert_eq!(w0.live().0, 0);
+        // Worker 1 accepts it.
+        w1.on_datagram(now, 0, from, to, &mut h.data.clone());
+        assert_eq!(w1.live().0, 1);
+        assert_eq!(w1.stats().retry_token_invalid, 0);
+        // A process with one worker has nobody to hand it to: INVALID_TOKEN.
+        let mut solo = core_of(0, "always", now);
+        solo.on_datagram(now, 0, from, to, &mut init.clone());
+        let mut out = drain(&mut solo, now);
+        assert_eq!(out.len(), 1);
+        assert_eq!(solo.live().0, 0);
+        q.recv(&mut out[0], quiche::RecvInfo { from: to, to: from })
+            .expect("client reads the close");
+        assert_eq!(
+            q.peer_error().map(|e| e.error_code),
+            Some(initial::INVALID_TOKEN)
+        );
     }
 
     /// NAT rebinding between our Retry and the client's next Initial: the token names the old
@@ -925,6 +984,21 @@ mod tests {
         let new: SocketAddr = "192.0.2.7:5001".parse().expect("addr");
         let to: SocketAddr = LISTEN.parse().expect("addr");
         let mut c = core("always", now);
+        // Someone spends this second's stateless resets first: the closes have their own bound.
+        for i in 0..150u8 {
+            let mut short = vec![0x40u8; 100];
+            short[1] = 0; // worker 0: a CID shaped like ours
+            short[2] = i;
+            c.on_datagram(
+                now,
+                0,
+                "198.51.100.1:9".parse().expect("addr"),
+                to,
+                &mut short,
+            );
+        }
+        assert_eq!(drain(&mut c, now).len(), STATELESS_PER_SEC as usize);
+        assert_eq!(c.stats().stateless_resets, u64::from(STATELESS_PER_SEC));
         // First flight from the old port: the core's Retry.
         let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
         cfg.set_application_protos(&[b"h3"]).expect("alpn");

@@ -208,7 +208,7 @@ static FAMILIES: &[Family] = &[
     family!(
         "h3gate_invalid_token_closes_total",
         "counter",
-        "Stateless CONNECTION_CLOSE(INVALID_TOKEN) sent for them (rate-bounded with stateless resets).",
+        "Stateless CONNECTION_CLOSE(INVALID_TOKEN) sent for them (at most 100 per second per worker).",
         "invalid_token_closes",
         |s| s.stats.invalid_token_closes
     ),

@@ -921,12 +921,14 @@ impl Core {
     }
 
     pub(crate) fn stream_timer(&mut self, sk: StreamKey, at: Instant, now: Instant) {
-        let Some(s) = self.streams.get(sk) else {
+        let Some(s) = self.streams.get_mut(sk) else {
             return;
         };
         if s.deadline != Some(at) {
             return;
         }
+        // Its entry was popped: whatever happens next arms a new one.
+        s.deadline = None;
         if s.queued {
             self.stats.budget_refusals += 1;
             log::warn!(
