@@ -79,7 +79,14 @@ pub fn owner_of(dcid: &[u8]) -> Option<u8> {
 /// Whether a short-header datagram of `trigger_len` bytes is big enough to be answered with a
 /// stateless reset (see [`stateless_reset`]).
 pub fn reset_fits(trigger_len: usize) -> bool {
-    trigger_len.saturating_sub(1).min(43) >= MIN_RESET_LEN
+    reset_len(trigger_len).is_some()
+}
+
+/// The length of the reset answering `trigger_len` bytes: smaller than the trigger so two
+/// endpoints cannot loop (RFC 9000 §10.3.3), at most 43, at least `MIN_RESET_LEN`.
+fn reset_len(trigger_len: usize) -> Option<usize> {
+    let len = trigger_len.checked_sub(1)?.min(43);
+    (len >= MIN_RESET_LEN).then_some(len)
 }
 
 /// Builds a stateless reset answering a short-header datagram of `trigger_len` bytes for `dcid`.
@@ -91,7 +98,8 @@ pub fn stateless_reset(
     trigger_len: usize,
     out: &mut [u8],
 ) -> Option<usize> {
-    let len = trigger_len.checked_sub(1)?.min(out.len()).min(43);
+    // A caller's buffer may be shorter than 43: the reset shrinks to it, down to the minimum.
+    let len = reset_len(trigger_len)?.min(out.len());
     if len < MIN_RESET_LEN {
         return None;
     }

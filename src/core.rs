@@ -684,22 +684,8 @@ impl Core {
                 Timer::Drain => assert_eq!(self.drain_deadline, Some(at)),
             }
         }
-        // And the other way: every instant an owner records is armed (a lost timer would
+        // Below, the other way: every instant an owner records is armed (a lost timer would
         // leave a stream or connection waiting forever).
-        for (ck, c) in self.conns.iter() {
-            if let Some(at) = c.timer_at {
-                assert!(
-                    self.timers.contains(&(at, Timer::Conn(ck))),
-                    "conn timer lost"
-                );
-            }
-            if let Some(at) = c.handshake_at {
-                assert!(
-                    self.timers.contains(&(at, Timer::Handshake(ck))),
-                    "handshake timer lost"
-                );
-            }
-        }
         for (sk, s) in self.streams.iter() {
             if let Some(at) = s.deadline {
                 assert!(
@@ -707,8 +693,6 @@ impl Core {
                     "stream timer lost"
                 );
             }
-        }
-        for (sk, s) in self.streams.iter() {
             let c = self
                 .conns
                 .get(s.conn)
@@ -727,6 +711,18 @@ impl Core {
             }
         }
         for (ck, c) in self.conns.iter() {
+            if let Some(at) = c.timer_at {
+                assert!(
+                    self.timers.contains(&(at, Timer::Conn(ck))),
+                    "conn timer lost"
+                );
+            }
+            if let Some(at) = c.handshake_at {
+                assert!(
+                    self.timers.contains(&(at, Timer::Handshake(ck))),
+                    "handshake timer lost"
+                );
+            }
             for &sk in c.streams.values() {
                 assert_eq!(self.streams.get(sk).map(|s| s.conn), Some(ck));
             }

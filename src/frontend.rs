@@ -229,7 +229,6 @@ impl Core {
                     // after our Retry), or forged. It proves nothing, and the client will not
                     // take a second Retry: close with INVALID_TOKEN (§8.1.3) so it fails now
                     // instead of at its handshake timeout.
-                    self.stats.retry_token_invalid += 1;
                     log::debug!("invalid retry token from {from}: {e:?}");
                     self.answer_invalid_token(now, listener, from, to, &hdr, buf.len());
                     return;
@@ -257,7 +256,6 @@ impl Core {
                 // A valid token for a CID of a worker this process does not have (another
                 // node sharing the cluster secret, a different worker count): the connection
                 // cannot live here under that CID, and the client takes no second Retry.
-                self.stats.retry_token_invalid += 1;
                 self.answer_invalid_token(now, listener, from, to, &hdr, buf.len());
                 return;
             }
@@ -412,6 +410,8 @@ impl Core {
         Some(key)
     }
 
+    /// A Retry token of ours this worker cannot use: counted, and answered with
+    /// CONNECTION_CLOSE(INVALID_TOKEN) within the per-second bound.
     fn answer_invalid_token(
         &mut self,
         now: Instant,
@@ -421,6 +421,7 @@ impl Core {
         hdr: &quiche::Header,
         trigger_len: usize,
     ) {
+        self.stats.retry_token_invalid += 1;
         // The bound first: over it, not even the key derivation is spent on the packet.
         if !self.close_rate.take(now, STATELESS_PER_SEC) {
             return;
@@ -849,41 +850,24 @@ mod tests {
         retry_scid: &[u8],
         token: &[u8],
     ) -> (quiche::Connection, Vec<u8>) {
-        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
-        cfg.set_application_protos(&[b"h3"]).expect("alpn");
-        cfg.verify_peer(false);
         let server: SocketAddr = LISTEN.parse().expect("addr");
-        let scid = [0x42u8; 16];
-        let mut q = quiche::connect(
-            None,
-            &quiche::ConnectionId::from_ref(&scid),
-            from,
-            server,
-            &mut cfg,
-        )
-        .expect("connect");
-        let mut buf = vec![0u8; 1500];
-        let (n, _) = q.send(&mut buf).expect("send");
-        let hdr = quiche::Header::from_slice(&mut buf[..n], 16).expect("hdr");
-        let mut retry = vec![0u8; 1500];
-        let n = quiche::retry(
-            &hdr.scid,
-            &hdr.dcid,
-            &quiche::ConnectionId::from_ref(retry_scid),
-            token,
-            hdr.version,
-            &mut retry,
-        )
-        .expect("retry");
-        retry.truncate(n);
+        let (mut q, mut first) = initial::testing::client(&[0x42; 16], from, server);
+        let mut retry = initial::testing::retry(&mut first, retry_scid, token);
         let info = quiche::RecvInfo {
             from: server,
             to: from,
         };
         q.recv(&mut retry, info).expect("client takes the retry");
+        let next = next_datagram(&mut q);
+        (q, next)
+    }
+
+    /// The next datagram the client sends.
+    fn next_datagram(q: &mut quiche::Connection) -> Vec<u8> {
+        let mut buf = vec![0u8; 1500];
         let (n, _) = q.send(&mut buf).expect("send");
         buf.truncate(n);
-        (q, buf)
+        buf
     }
 
     fn ty(pkt: &mut [u8]) -> quiche::Type {
@@ -928,26 +912,13 @@ mod tests {
         // Worker 1 answers the first Initial with a Retry (its CID, our shared secret).
         let mut w1 = core_of(1, "always", now);
         w1.set_workers(2);
-        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
-        cfg.set_application_protos(&[b"h3"]).expect("alpn");
-        cfg.verify_peer(false);
-        let mut q = quiche::connect(
-            None,
-            &quiche::ConnectionId::from_ref(&[0x42; 16]),
-            from,
-            to,
-            &mut cfg,
-        )
-        .expect("connect");
-        let mut buf = vec![0u8; 1500];
-        let (n, _) = q.send(&mut buf).expect("send");
-        w1.on_datagram(now, 0, from, to, &mut buf[..n]);
+        let (mut q, mut first) = initial::testing::client(&[0x42; 16], from, to);
+        w1.on_datagram(now, 0, from, to, &mut first);
         let mut out = drain(&mut w1, now);
         assert_eq!(ty(&mut out[0]), quiche::Type::Retry);
         q.recv(&mut out[0], quiche::RecvInfo { from: to, to: from })
             .expect("client takes the retry");
-        let (n, _) = q.send(&mut buf).expect("send");
-        let init = buf[..n].to_vec();
+        let init = next_datagram(&mut q);
         // The answer lands on worker 0 (no kernel steering): handed to worker 1.
         let mut w0 = core_of(0, "always", now);
         w0.set_workers(2);
@@ -1000,28 +971,15 @@ mod tests {
         assert_eq!(drain(&mut c, now).len(), STATELESS_PER_SEC as usize);
         assert_eq!(c.stats().stateless_resets, u64::from(STATELESS_PER_SEC));
         // First flight from the old port: the core's Retry.
-        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
-        cfg.set_application_protos(&[b"h3"]).expect("alpn");
-        cfg.verify_peer(false);
-        let mut q = quiche::connect(
-            None,
-            &quiche::ConnectionId::from_ref(&[0x42; 16]),
-            old,
-            to,
-            &mut cfg,
-        )
-        .expect("connect");
-        let mut buf = vec![0u8; 1500];
-        let (n, _) = q.send(&mut buf).expect("send");
-        c.on_datagram(now, 0, old, to, &mut buf[..n]);
+        let (mut q, mut first) = initial::testing::client(&[0x42; 16], old, to);
+        c.on_datagram(now, 0, old, to, &mut first);
         let mut out = drain(&mut c, now);
         assert_eq!(out.len(), 1);
         assert_eq!(ty(&mut out[0]), quiche::Type::Retry);
         q.recv(&mut out[0], quiche::RecvInfo { from: to, to: old })
             .expect("client takes the retry");
         // The NAT rebinds: the token-carrying Initial arrives from a new port.
-        let (n, _) = q.send(&mut buf).expect("send");
-        let init = buf[..n].to_vec();
+        let init = next_datagram(&mut q);
         c.on_datagram(now, 0, new, to, &mut init.clone());
         let mut out = drain(&mut c, now);
         assert_eq!(out.len(), 1, "one close");

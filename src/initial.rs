@@ -11,7 +11,7 @@
 
 use boring::hash::MessageDigest;
 use boring::hkdf::HkdfSuite;
-use boring::symm::{Cipher, Crypter, Mode};
+use boring::symm::{self, Cipher};
 
 /// QUIC version 1: the only version quiche 0.30 speaks.
 const VERSION_1: u32 = 1;
@@ -65,28 +65,27 @@ pub fn server_keys(dcid: &[u8]) -> Option<Keys> {
     Some(k)
 }
 
+/// AES-128-GCM: ciphertext followed by its tag.
 fn aes_gcm_seal(k: &Keys, nonce: &[u8; 12], aad: &[u8], data: &[u8]) -> Option<Vec<u8>> {
-    let mut c = Crypter::new(Cipher::aes_128_gcm(), Mode::Encrypt, &k.key, Some(nonce)).ok()?;
-    c.aad_update(aad).ok()?;
-    let mut out = vec![0u8; data.len() + 16];
-    let n = c.update(data, &mut out).ok()?;
-    let m = c.finalize(&mut out[n..]).ok()?;
-    out.truncate(n + m);
     let mut tag = [0u8; TAG_LEN];
-    c.get_tag(&mut tag).ok()?;
+    let mut out = symm::encrypt_aead(
+        Cipher::aes_128_gcm(),
+        &k.key,
+        Some(nonce),
+        aad,
+        data,
+        &mut tag,
+    )
+    .ok()?;
     out.extend_from_slice(&tag);
     Some(out)
 }
 
+/// Header protection mask (RFC 9001 §5.4.3): AES-ECB of the 16-byte sample.
 fn hp_mask(hp: &[u8; 16], sample: &[u8]) -> Option<[u8; 16]> {
-    let mut c = Crypter::new(Cipher::aes_128_ecb(), Mode::Encrypt, hp, None).ok()?;
-    c.pad(false);
-    let mut out = [0u8; 32];
-    let n = c.update(sample, &mut out).ok()?;
-    debug_assert_eq!(n, 16);
-    let mut mask = [0u8; 16];
-    mask.copy_from_slice(out.get(..16)?);
-    Some(mask)
+    // `encrypt` pads, so it returns two blocks; the first is the sample's.
+    let out = symm::encrypt(Cipher::aes_128_ecb(), hp, None, sample).ok()?;
+    out.get(..16)?.try_into().ok()
 }
 
 /// Builds the server Initial that answers a client Initial (`version`, its `dcid` and `scid`)
@@ -162,43 +161,21 @@ mod tests {
         assert!(invalid_token_close(1, &[1; 8], &[2; 21]).is_none());
     }
 
-    fn client_config() -> quiche::Config {
-        let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
-        c.set_application_protos(&[b"h3"]).unwrap();
-        c.verify_peer(false);
-        c
-    }
-
     /// A real quiche client, after a Retry, takes our packet as the server's close with
     /// INVALID_TOKEN and stops at once.
     #[test]
     fn quiche_client_sees_invalid_token_close() {
-        let mut cfg = client_config();
         let client: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let server: std::net::SocketAddr = "127.0.0.1:443".parse().unwrap();
-        let cscid = [7u8; 16];
-        let cscid = quiche::ConnectionId::from_ref(&cscid);
-        let mut q = quiche::connect(None, &cscid, client, server, &mut cfg).unwrap();
-        let mut buf = [0u8; 1500];
-        let (n, _) = q.send(&mut buf).unwrap();
-        let hdr = quiche::Header::from_slice(&mut buf[..n], 16).unwrap();
-
+        let (mut q, mut first) = testing::client(&[7; 16], client, server);
         let retry_scid = [9u8; 16];
-        let mut out = [0u8; 1500];
-        let n = quiche::retry(
-            &hdr.scid,
-            &hdr.dcid,
-            &quiche::ConnectionId::from_ref(&retry_scid),
-            b"some token",
-            hdr.version,
-            &mut out,
-        )
-        .unwrap();
+        let mut retry = testing::retry(&mut first, &retry_scid, b"some token");
         let info = quiche::RecvInfo {
             from: server,
             to: client,
         };
-        q.recv(&mut out[..n], info).unwrap();
+        q.recv(&mut retry, info).unwrap();
+        let mut buf = [0u8; 1500];
         let (n, _) = q.send(&mut buf).unwrap();
         let hdr = quiche::Header::from_slice(&mut buf[..n], 16).unwrap();
         assert_eq!(hdr.token.as_deref(), Some(&b"some token"[..]));
@@ -218,20 +195,10 @@ mod tests {
     /// come from the DCID): quiche drops it and the connection lives on.
     #[test]
     fn wrong_keys_are_dropped_by_the_client() {
-        let mut cfg = client_config();
         let client: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let server: std::net::SocketAddr = "127.0.0.1:443".parse().unwrap();
         let cscid = [7u8; 16];
-        let mut q = quiche::connect(
-            None,
-            &quiche::ConnectionId::from_ref(&cscid),
-            client,
-            server,
-            &mut cfg,
-        )
-        .unwrap();
-        let mut buf = [0u8; 1500];
-        q.send(&mut buf).unwrap();
+        let (mut q, _) = testing::client(&cscid, client, server);
         let mut close = invalid_token_close(1, &[3u8; 16], &cscid).unwrap();
         let info = quiche::RecvInfo {
             from: server,
@@ -240,5 +207,46 @@ mod tests {
         let _ = q.recv(&mut close, info);
         assert!(!q.is_draining() && !q.is_closed());
         assert!(q.peer_error().is_none());
+    }
+}
+
+/// A quiche client for the tests of this module and of `frontend`: its first Initial, and the
+/// Retry a server would answer it with.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::net::SocketAddr;
+
+    /// A client with source CID `scid` at `local`, and the first Initial it sends to `peer`.
+    pub(crate) fn client(
+        scid: &[u8],
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> (quiche::Connection, Vec<u8>) {
+        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
+        cfg.set_application_protos(&[b"h3"]).expect("alpn");
+        cfg.verify_peer(false);
+        let scid = quiche::ConnectionId::from_ref(scid);
+        let mut q = quiche::connect(None, &scid, local, peer, &mut cfg).expect("connect");
+        let mut buf = vec![0u8; 1500];
+        let (n, _) = q.send(&mut buf).expect("send");
+        buf.truncate(n);
+        (q, buf)
+    }
+
+    /// The Retry answering the client Initial `initial`, moving it to `retry_scid` with `token`.
+    pub(crate) fn retry(initial: &mut [u8], retry_scid: &[u8], token: &[u8]) -> Vec<u8> {
+        let hdr = quiche::Header::from_slice(initial, 16).expect("hdr");
+        let mut out = vec![0u8; 1500];
+        let n = quiche::retry(
+            &hdr.scid,
+            &hdr.dcid,
+            &quiche::ConnectionId::from_ref(retry_scid),
+            token,
+            hdr.version,
+            &mut out,
+        )
+        .expect("retry");
+        out.truncate(n);
+        out
     }
 }
