@@ -1,4 +1,4 @@
-//! Regression tests for the two fixes h3gate carries in `vendor/quiche` (vendor/README.md), run
+//! Regression tests for the fixes h3gate carries in `vendor/quiche` (vendor/README.md), run
 //! on a quiche client and server that exchange packets in memory, deterministically.
 //!
 //! - `quiche-reset-no-fin.patch`: a stream reset locally while data was still buffered sends no
@@ -6,6 +6,9 @@
 //! - `quiche-reset-after-fin.patch`: a peer's RESET_STREAM that arrives after its FIN, before the
 //!   application read everything, is reported as a reset (it was a clean `Finished`, the unread
 //!   data silently gone: a cancelled upload reached the origin truncated but complete).
+//! - `quiche-spurious-retransmit.patch`: a stream whose re-queued data was acked before it went
+//!   out again no longer blocks every other stream (a transfer stalled under loss once the client
+//!   went quiet).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -325,5 +328,104 @@ fn a_stream_reset_with_data_buffered_sends_no_fin() {
     assert!(
         seen.iter().any(|e| e == "reset 0x102"),
         "no reset reported: {seen:?}"
+    );
+}
+
+/// Every packet the server has to send now, not delivered (in flight, as if delayed).
+fn hold(p: &mut Pipe) -> Vec<Vec<u8>> {
+    let mut held = Vec::new();
+    let mut buf = [0u8; 1500];
+    while let Ok((len, _)) = p.server.send(&mut buf) {
+        held.push(buf[..len].to_vec());
+    }
+    held
+}
+
+/// Reads every response body that has data, adding the bytes read to `got` (per stream).
+fn body_bytes(
+    h3: &mut quiche::h3::Connection,
+    conn: &mut quiche::Connection,
+    sids: [u64; 2],
+    got: &mut [usize; 2],
+) {
+    while let Ok((sid, ev)) = h3.poll(conn) {
+        let Some(i) = sids.iter().position(|&s| s == sid) else {
+            continue;
+        };
+        if matches!(ev, quiche::h3::Event::Data) {
+            got[i] += read_body(h3, conn, sid).0;
+        }
+    }
+}
+
+#[test]
+fn data_acked_after_a_probe_queued_it_again_does_not_block_other_streams() {
+    let mut p = Pipe::new();
+    let (mut client, mut server) = h3_pair(&mut p);
+    let get = |path: &str| {
+        let mut h = request(path);
+        h[0] = quiche::h3::Header::new(b":method", b"GET");
+        h
+    };
+    let first = client
+        .send_request(&mut p.client, &get("/a"), true)
+        .expect("request a");
+    let second = client
+        .send_request(&mut p.client, &get("/b"), true)
+        .expect("request b");
+    p.advance();
+    let mut requests = Vec::new();
+    while let Ok((sid, ev)) = server.poll(&mut p.server) {
+        if matches!(ev, quiche::h3::Event::Headers { .. }) {
+            requests.push(sid);
+        }
+    }
+    assert_eq!(requests, [first, second]);
+    let head = [quiche::h3::Header::new(b":status", b"200")];
+    for sid in [first, second] {
+        server
+            .send_response(&mut p.server, sid, &head, false)
+            .expect("response");
+    }
+    // Part of the first response goes out; the client is quiet and its ACKs are late.
+    let body = vec![5u8; 8_000];
+    let n = server
+        .send_body(&mut p.server, first, &body, false)
+        .expect("body");
+    assert_eq!(n, body.len());
+    let held = hold(&mut p);
+    assert!(held.len() >= 4, "only {} packets", held.len());
+    // The server's PTO fires: it queues the data of its oldest packets again and sends one probe
+    // (lost too).
+    let wait = p.server.timeout().expect("a PTO is armed");
+    std::thread::sleep(wait + std::time::Duration::from_millis(2));
+    p.server.on_timeout();
+    let mut buf = [0u8; 1500];
+    assert!(p.server.send(&mut buf).is_ok(), "no probe");
+    // Then the late packets arrive and are acked: the data queued again is acked before it went
+    // out a second time, so the first stream has nothing left to send.
+    let info = quiche::RecvInfo {
+        from: p.server_addr,
+        to: p.client_addr,
+    };
+    for mut pkt in held {
+        p.client.recv(&mut pkt, info).expect("recv");
+    }
+    Pipe::deliver(&mut p.client, &mut p.server, p.server_addr, p.client_addr);
+    let mut got = [0usize; 2];
+    body_bytes(&mut client, &mut p.client, [first, second], &mut got);
+    assert_eq!(got[0], body.len());
+    // The second response's body must still go out.
+    let more = vec![6u8; 4_000];
+    let n = server
+        .send_body(&mut p.server, second, &more, true)
+        .expect("second body");
+    assert_eq!(n, more.len());
+    p.advance();
+    body_bytes(&mut client, &mut p.client, [first, second], &mut got);
+    assert_eq!(
+        got[1],
+        more.len(),
+        "the second stream sent nothing: the first one, with nothing to send, blocked the queue"
     );
 }

@@ -5289,6 +5289,18 @@ impl<F: BufFactory> Connection<F> {
                 // header fits: it would carry no data but still advance the
                 // peer's largest received offset.
                 if len == 0 && !fin {
+                    // h3gate patch: a stream whose data was declared lost
+                    // and then acked before it went out again (a spurious
+                    // loss) is still queued but has nothing left to send.
+                    // Left at the head of the queue, a non-incremental
+                    // stream kept every other stream from sending, for
+                    // good once the peer stopped sending ACKs.
+                    if !stream.is_flushable() {
+                        let priority_key = Arc::clone(&stream.priority_key);
+                        self.streams.remove_flushable(&priority_key);
+                        continue;
+                    }
+
                     stream_data_skipped = true;
 
                     // Rotate incremental streams so a stream whose header
