@@ -4121,6 +4121,19 @@ impl<F: BufFactory> Connection<F> {
             out[done..done + pad_len].fill(0);
 
             done += pad_len;
+
+            // h3gate patch: the padding goes on the wire too, so it spends
+            // anti-amplification credit (RFC 9000 §8.1: every byte sent to an
+            // unvalidated address counts). Only packets were counted, so a
+            // server's padded Initials (its PTO probes) could send 5x what an
+            // address that never spoke again had sent.
+            if self.is_server {
+                let path = self.paths.get_mut(send_pid)?;
+                if !path.verified_peer_address {
+                    path.max_send_bytes =
+                        path.max_send_bytes.saturating_sub(pad_len);
+                }
+            }
         }
 
         let send_path = self.paths.get(send_pid)?;
