@@ -223,7 +223,11 @@ pub struct Frontend {
     pub line: usize,
     pub binds: Vec<SocketAddr>,
     pub cert: PathBuf,
+    /// Line of the `cert` directive (errors about the file point there).
+    pub cert_line: usize,
     pub key: PathBuf,
+    /// Line of the `key` directive.
+    pub key_line: usize,
     pub default_backend: String,
     pub max_connections: usize,
     pub max_concurrent_streams: u64,
@@ -233,6 +237,42 @@ pub struct Frontend {
     /// `max-stream-buffer` set in this frontend (a backend's own setting wins).
     pub max_stream_buffer: Option<usize>,
     pub wait_for_body: Option<WaitForBody>,
+}
+
+/// One of a frontend's two TLS files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    Cert,
+    Key,
+}
+
+impl Frontend {
+    /// Path and directive line of one of its TLS files.
+    pub fn tls_file(&self, which: TlsFile) -> (&Path, usize) {
+        match which {
+            TlsFile::Cert => (&self.cert, self.cert_line),
+            TlsFile::Key => (&self.key, self.key_line),
+        }
+    }
+}
+
+/// `cannot read certificate PATH: REASON` (or `key`): one wording for every cert/key problem,
+/// whether [`load`] or the TLS library found it.
+pub fn cannot_read(which: TlsFile, path: &Path, reason: &str) -> String {
+    let what = match which {
+        TlsFile::Cert => "certificate",
+        TlsFile::Key => "key",
+    };
+    // Not `show`: a path is not truncated, only its control characters escaped.
+    let mut shown = String::new();
+    for c in path.display().to_string().chars() {
+        if c.is_control() {
+            shown.extend(c.escape_debug());
+        } else {
+            shown.push(c);
+        }
+    }
+    format!("cannot read {what} {shown}: {reason}")
 }
 
 /// Server selection algorithm of a backend.
@@ -291,11 +331,19 @@ impl std::error::Error for ConfigError {}
 /// Parses config text. Pure: does no IO, so host names stay unresolved
 /// (`Server::addr` is `None` for them) and cert/key paths are not checked.
 pub fn parse(file: &str, text: &str) -> Result<Config, Vec<ConfigError>> {
-    parse_inner(file, text).map(|(config, _)| config)
+    // Editors on Windows like to prepend a BOM; it is not part of a keyword.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut parser = Parser::new(file);
+    for (index, raw) in text.lines().enumerate() {
+        parser.line(index + 1, raw);
+    }
+    parser.finish()
 }
 
 /// Reads and parses `path`, then checks that every frontend's cert and key
-/// are readable files and resolves server host names.
+/// are readable files and resolves server host names. Whether they hold a
+/// usable certificate and key is `frontend::tls_errors`'s job (it needs the
+/// TLS library).
 pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
     let file = path.display().to_string();
     let error = |line: usize, message: String| ConfigError {
@@ -310,14 +358,14 @@ pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
         let line = valid.map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count()) + 1;
         vec![error(line, "invalid UTF-8".to_string())]
     })?;
-    let (mut config, io_lines) = parse_inner(&file, &text)?;
+    let mut config = parse(&file, &text)?;
 
     let mut errors = Vec::new();
-    for (fe, lines) in config.frontends.iter().zip(&io_lines) {
-        for (what, path, line) in [("cert", &fe.cert, lines.cert), ("key", &fe.key, lines.key)] {
+    for fe in &config.frontends {
+        for which in [TlsFile::Cert, TlsFile::Key] {
+            let (path, line) = fe.tls_file(which);
             if let Err(e) = check_readable(path) {
-                let shown = show(&path.display().to_string());
-                errors.push(error(line, format!("cannot read {what} '{shown}': {e}")));
+                errors.push(error(line, cannot_read(which, path, &e)));
             }
         }
     }
@@ -430,22 +478,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 fn split_number(s: &str) -> (&str, &str) {
     let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     s.split_at(end)
-}
-
-/// Line numbers that only [`load`] needs, kept out of the public structs.
-struct IoLines {
-    cert: usize,
-    key: usize,
-}
-
-fn parse_inner(file: &str, text: &str) -> Result<(Config, Vec<IoLines>), Vec<ConfigError>> {
-    // Editors on Windows like to prepend a BOM; it is not part of a keyword.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let mut parser = Parser::new(file);
-    for (index, raw) in text.lines().enumerate() {
-        parser.line(index + 1, raw);
-    }
-    parser.finish()
 }
 
 /// Where the lines being read belong.
@@ -921,7 +953,7 @@ impl<'a> Parser<'a> {
     }
 
     /// Whole-file checks, then conversion to the public types.
-    fn finish(mut self) -> Result<(Config, Vec<IoLines>), Vec<ConfigError>> {
+    fn finish(mut self) -> Result<Config, Vec<ConfigError>> {
         let mut late = Vec::new();
         if self.frontends.is_empty() {
             late.push((1, "no frontend defined".to_string()));
@@ -966,23 +998,20 @@ impl<'a> Parser<'a> {
             return Err(self.errors);
         }
 
-        let mut io_lines = Vec::with_capacity(self.frontends.len());
         let frontends = self
             .frontends
             .into_iter()
             .map(|fe| {
                 let (cert, cert_line) = fe.cert.unwrap_or_default();
                 let (key, key_line) = fe.key.unwrap_or_default();
-                io_lines.push(IoLines {
-                    cert: cert_line,
-                    key: key_line,
-                });
                 Frontend {
                     name: fe.name,
                     line: fe.line,
                     binds: fe.binds.into_iter().map(|(addr, _)| addr).collect(),
                     cert,
+                    cert_line,
                     key,
+                    key_line,
                     default_backend: fe.default_backend.unwrap_or_default().0,
                     max_connections: fe.max_connections,
                     max_concurrent_streams: fe.max_concurrent_streams,
@@ -1011,13 +1040,12 @@ impl<'a> Parser<'a> {
             (Some(bind), Some(line)) => Some(StatsSection { bind, line }),
             _ => None,
         };
-        let config = Config {
+        Ok(Config {
             global: self.global,
             frontends,
             backends,
             stats,
-        };
-        Ok((config, io_lines))
+        })
     }
 }
 
@@ -1409,7 +1437,7 @@ fn show(s: &str) -> String {
 }
 
 /// An existing, readable regular file.
-fn check_readable(path: &Path) -> Result<(), String> {
+pub fn check_readable(path: &Path) -> Result<(), String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
     let meta = file.metadata().map_err(|e| e.to_string())?;
     if meta.is_dir() {
@@ -1530,7 +1558,9 @@ backend app
                     "[::1]:8443".parse().unwrap(),
                 ],
                 cert: "/etc/h3gate/site.pem".into(),
+                cert_line: 17,
                 key: "/etc/h3gate/site.key".into(),
+                key_line: 18,
                 default_backend: "app".into(),
                 max_connections: 5000,
                 max_concurrent_streams: 50,
@@ -2370,7 +2400,13 @@ backend app
         let e = load(&conf).unwrap_err();
         assert_eq!(e.len(), 1, "{e:#?}");
         assert_eq!(e[0].line, 4);
-        assert!(e[0].message.contains("cannot read key"), "{}", e[0].message);
+        let missing = dir.join("missing.key");
+        assert!(
+            e[0].message
+                .starts_with(&format!("cannot read key {}: ", missing.display())),
+            "{}",
+            e[0].message
+        );
         assert_eq!(e[0].file, conf.display().to_string());
 
         let text = text.replace("missing.key", "cert.pem");
@@ -2390,10 +2426,9 @@ backend app
         .unwrap();
         let e = load(&conf).unwrap_err();
         assert_eq!(e[0].line, 3);
-        assert!(
-            e[0].message.contains("cannot read cert"),
-            "{}",
-            e[0].message
+        assert_eq!(
+            e[0].message,
+            format!("cannot read certificate {}: is a directory", dir.display())
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -74,8 +74,8 @@ pub struct Slot {
     streams: AtomicU64,
     bconns: AtomicU64,
     loops: AtomicU64,
-    /// Key (`index << 32 | generation`, plus 1; 0 = none) of the connection and of the stream
-    /// the worker's core is working on: the crash report's breadcrumbs.
+    /// Key (`Key::to_u64`, i.e. `generation << 32 | index`, plus 1; 0 = none) of the connection
+    /// and of the stream the worker's core is working on: the crash report's breadcrumbs.
     conn: AtomicU64,
     stream: AtomicU64,
     err_len: AtomicUsize,
@@ -420,7 +420,6 @@ fn write_state(out: &mut impl Out, tid: i32) {
         let slot = &SLOTS[i];
         out.s("crashed in ");
         write_worker_line(out, i, slot);
-        out.s("connection/stream being processed: not tracked (the core exposes no current key)\n");
         out.s("last warning/error: ");
         let n = slot.err_len.load(Acquire).min(ERR_LEN);
         if n == 0 {
@@ -1065,9 +1064,26 @@ mod tests {
         p.phase(Phase::Flush);
         p.live((3, 2, 1), 42);
         note_error("WARN worker: something broke");
+        // Connection 5 generation 1, stream 7 generation 2, as `Key::to_u64` packs them.
+        breadcrumb(200, Some(1 << 32 | 5), Some(2 << 32 | 7));
         let mut out: Vec<u8> = Vec::new();
         write_state(&mut out, gettid());
         let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("crashed in worker 200: phase flush connections")
+                && text.contains("processing connection 5#1, stream 7#2\n"),
+            "{text}"
+        );
+        // The breadcrumbs replaced the old "not tracked" placeholder line.
+        assert!(!text.contains("not tracked"), "{text}");
+        breadcrumb(200, None, None);
+        let mut out: Vec<u8> = Vec::new();
+        write_state(&mut out, gettid());
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("processing connection none, stream none\n"),
+            "{text}"
+        );
         assert!(text.contains("thread: worker-200"), "{text}");
         assert!(text.contains("phase flush connections"), "{text}");
         assert!(text.contains("live connections 3, streams 2, backend connections 1"));

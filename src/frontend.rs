@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Instant;
 
 use crate::cid::{self, CID_LEN};
-use crate::config::{Frontend, RetryMode};
+use crate::config::{self, Config, ConfigError, Frontend, RetryMode, TlsFile};
 use crate::core::{ConnKey, Core, Handoff, StreamKey, Timer, Transmit};
 use crate::initial;
 use crate::token;
@@ -58,16 +59,88 @@ pub struct Conn {
     pub(crate) established: bool,
 }
 
+fn new_quiche_config() -> Result<quiche::Config, String> {
+    quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| format!("quiche: {e}"))
+}
+
+/// Loads one TLS file of a frontend into `c` exactly as a worker does; the error is the reason.
+/// The key goes in after the certificate: BoringSSL then also checks that they match.
+fn load_tls_file(c: &mut quiche::Config, which: TlsFile, path: &Path) -> Result<(), String> {
+    // Plain IO problems first: BoringSSL would only report "system library" errors.
+    config::check_readable(path)?;
+    // Empty the thread's BoringSSL error queue so what follows is this load's own reason.
+    drop(boring::error::ErrorStack::get());
+    // A config file is UTF-8, so this is lossless; quiche refuses a path with a NUL itself.
+    let p = path.to_string_lossy();
+    let loaded = match which {
+        TlsFile::Cert => c.load_cert_chain_from_pem_file(&p),
+        TlsFile::Key => c.load_priv_key_from_pem_file(&p),
+    };
+    loaded.map_err(|e| {
+        // quiche only says `TlsFail`. BoringSSL's queue says why; its first entry is the root
+        // cause (later ones only wrap it, e.g. "SSL routines: PEM routines").
+        let stack = boring::error::ErrorStack::get();
+        let why = match stack.errors().first().map(|e| (e.library(), e.reason())) {
+            Some((Some(lib), Some(reason))) => format!("{lib}: {reason}"),
+            Some((None, Some(reason))) => reason.to_string(),
+            _ => format!("quiche: {e}"),
+        };
+        match which {
+            TlsFile::Cert => format!("not a valid PEM certificate chain ({why})"),
+            TlsFile::Key => format!("not a valid PEM private key for the certificate ({why})"),
+        }
+    })
+}
+
+/// Loads every frontend's certificate and key as `run` will (the same quiche calls), so that
+/// `check` and a reload reject what a start would. Errors point at the `cert` / `key` lines of
+/// `file`.
+pub fn tls_errors(file: &str, config: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    for fe in &config.frontends {
+        let mut c = match new_quiche_config() {
+            Ok(c) => c,
+            Err(message) => {
+                errors.push(ConfigError {
+                    file: file.to_string(),
+                    line: fe.line,
+                    message,
+                });
+                continue;
+            }
+        };
+        for which in [TlsFile::Cert, TlsFile::Key] {
+            let (path, line) = fe.tls_file(which);
+            if let Err(reason) = load_tls_file(&mut c, which, path) {
+                errors.push(ConfigError {
+                    file: file.to_string(),
+                    line,
+                    message: config::cannot_read(which, path, &reason),
+                });
+                // Check the key on its own then: a bad cert must not hide a bad key.
+                match new_quiche_config() {
+                    Ok(fresh) => c = fresh,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    errors
+}
+
 /// Builds the quiche configuration of one frontend (reads its certificate and key).
 pub fn quic_config(fe: &Frontend) -> Result<quiche::Config, String> {
-    let mut c =
-        quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| format!("quiche: {e}"))?;
-    let cert = fe.cert.to_string_lossy();
-    let key = fe.key.to_string_lossy();
-    c.load_cert_chain_from_pem_file(&cert)
-        .map_err(|e| format!("frontend '{}': cannot load cert {cert}: {e}", fe.name))?;
-    c.load_priv_key_from_pem_file(&key)
-        .map_err(|e| format!("frontend '{}': cannot load key {key}: {e}", fe.name))?;
+    let mut c = new_quiche_config()?;
+    for which in [TlsFile::Cert, TlsFile::Key] {
+        let (path, _) = fe.tls_file(which);
+        load_tls_file(&mut c, which, path).map_err(|reason| {
+            format!(
+                "frontend '{}': {}",
+                fe.name,
+                config::cannot_read(which, path, &reason)
+            )
+        })?;
+    }
     c.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
         .map_err(|e| format!("quiche alpn: {e}"))?;
     c.set_max_idle_timeout(fe.timeouts.client.as_millis().min(u64::MAX as u128) as u64);
@@ -1000,5 +1073,72 @@ mod tests {
         assert_eq!(s.retry_token_invalid, 150);
         assert_eq!(s.invalid_token_closes, u64::from(STATELESS_PER_SEC));
         assert_eq!(c.live().0, 0);
+    }
+
+    #[test]
+    fn tls_errors_name_the_cert_and_key_lines() {
+        let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+        let (cert, key) = (format!("{data}/cert.pem"), format!("{data}/key.pem"));
+        let dir = std::env::temp_dir().join(format!("h3gate-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = dir.join("garbage.pem").display().to_string();
+        std::fs::write(&garbage, "not PEM at all\n").unwrap();
+        let missing = dir.join("missing.pem").display().to_string();
+        // cert on line 3, key on line 4.
+        let errors_for = |cert: &str, key: &str| -> Vec<String> {
+            let text = format!(
+                "frontend web\n bind 127.0.0.1:4433\n cert {cert}\n key {key}\n \
+                 default_backend app\nbackend app\n server s 127.0.0.1:9\n"
+            );
+            let config = config::parse("t.conf", &text).expect("config");
+            tls_errors("t.conf", &config)
+                .iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        assert!(errors_for(&cert, &key).is_empty());
+
+        let e = errors_for(&missing, &key);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].starts_with(&format!(
+                "t.conf:3: cannot read certificate {missing}: No such file"
+            )),
+            "{e:#?}"
+        );
+        let e = errors_for(&cert, &missing);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].starts_with(&format!(
+                "t.conf:4: cannot read key {missing}: No such file"
+            )),
+            "{e:#?}"
+        );
+        let e = errors_for(&garbage, &key);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].starts_with(&format!(
+                "t.conf:3: cannot read certificate {garbage}: not a valid PEM certificate chain ("
+            )),
+            "{e:#?}"
+        );
+        // A certificate where the key belongs: the load that `run` does rejects it.
+        let e = errors_for(&cert, &cert);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(
+            e[0].starts_with(&format!(
+                "t.conf:4: cannot read key {cert}: not a valid PEM"
+            )),
+            "{e:#?}"
+        );
+        // A bad certificate does not hide a bad key.
+        let e = errors_for(&garbage, &garbage);
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].starts_with("t.conf:3: cannot read certificate "),
+            "{e:#?}"
+        );
+        assert!(e[1].starts_with("t.conf:4: cannot read key "), "{e:#?}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,8 +8,8 @@
 //! `STOPPING=1`), SIGHUP (validate the file again and reopen logs; see `reload`), SIGUSR1 (reopen
 //! logs), SIGUSR2 (each worker logs its state).
 
-use h3gate::config::{self, Config, LogTarget};
-use h3gate::{cid, diag, logger, metrics, notify, privdrop, worker};
+use h3gate::config::{self, Config, ConfigError, LogTarget};
+use h3gate::{cid, diag, frontend, logger, metrics, notify, privdrop, worker};
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -124,8 +124,20 @@ fn install_signal_handlers() -> Result<(), String> {
     Ok(())
 }
 
+/// `config::load` plus loading every cert and key as the workers will: `check`, `run` and a
+/// reload all reject the same files, as `file:line: message`.
+fn load_and_check(path: &Path) -> Result<Config, Vec<ConfigError>> {
+    let cfg = config::load(path)?;
+    let errors = frontend::tls_errors(&path.display().to_string(), &cfg);
+    if errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(errors)
+    }
+}
+
 fn load_config(path: &Path) -> Result<Config, ExitCode> {
-    config::load(path).map_err(|errors| {
+    load_and_check(path).map_err(|errors| {
         for e in &errors {
             eprintln!("{e}");
         }
@@ -175,7 +187,7 @@ fn reload(r: &Running) {
     if r.dump_dir.is_some() {
         let _ = std::env::set_current_dir(&r.start_dir);
     }
-    let loaded = config::load(&r.config_path);
+    let loaded = load_and_check(&r.config_path);
     if let Some(d) = &r.dump_dir {
         let _ = std::env::set_current_dir(d);
     }

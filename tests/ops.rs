@@ -586,6 +586,9 @@ fn forced_crash(mode: &str, via_flag: bool, signal: i32, must_mention: &[&str]) 
     assert!(report.contains("=== h3gate crash report ==="), "{report}");
     assert!(report.contains("thread: worker-0"), "{report}");
     assert!(report.contains("crashed in worker 0: phase "), "{report}");
+    // Breadcrumbs name what the worker was processing; the old placeholder line is gone.
+    assert!(report.contains("; processing connection "), "{report}");
+    assert!(!report.contains("not tracked"), "{report}");
     assert!(report.contains("live connections "), "{report}");
     assert!(report.contains("  worker 1: phase "), "{report}");
     assert!(report.contains("version: h3gate "), "{report}");
@@ -782,6 +785,110 @@ fn root_without_user_is_refused() {
     assert_eq!(out.status.code(), Some(1), "{out}");
     assert!(out.stderr.contains("refusing to run as root"), "{out}");
     assert!(out.stderr.contains("user root"), "{out}");
+}
+
+/// `check` (and `run`) load each frontend's cert and key as a start would: a missing file or one
+/// that is not PEM is `file:line: cannot read certificate|key PATH: reason`, at the directive's
+/// line, and exit status 1.
+#[test]
+fn check_rejects_missing_or_invalid_cert_and_key() {
+    let env = Env::new("ops-check-tls");
+    let data = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
+    let (cert, key) = (format!("{data}/cert.pem"), format!("{data}/key.pem"));
+    let missing = env.dir.join("missing.pem").display().to_string();
+    let garbage = env.dir.join("garbage.pem").display().to_string();
+    std::fs::write(&garbage, "this is not a certificate\n").expect("write");
+    // `cert` is on line 3, `key` on line 4.
+    let write_conf = |name: &str, cert: &str, key: &str| {
+        let conf = env.dir.join(name);
+        std::fs::write(
+            &conf,
+            format!(
+                "frontend web\n bind 127.0.0.1:{}\n cert {cert}\n key {key}\n \
+                 default_backend app\nbackend app\n server o1 127.0.0.1:9\n",
+                free_udp_port()
+            ),
+        )
+        .expect("write");
+        conf
+    };
+    let h3gate = |what: &str, sub: &str, conf: &Path| {
+        env.run(
+            &format!("h3gate {sub} ({what})"),
+            Command::new(H3GATE)
+                .arg(sub)
+                .arg("-c")
+                .arg(conf)
+                .env_remove("H3GATE_LOG"),
+            WAIT,
+        )
+    };
+
+    let good = write_conf("good.conf", &cert, &key);
+    let out = h3gate("good", "check", &good);
+    assert_eq!(out.status.code(), Some(0), "{out}");
+    assert!(out.stdout.contains("configuration is valid"), "{out}");
+
+    let cases = [
+        (
+            "missing-cert",
+            &missing,
+            &key,
+            3,
+            "certificate",
+            &missing,
+            "No such file",
+        ),
+        (
+            "missing-key",
+            &cert,
+            &missing,
+            4,
+            "key",
+            &missing,
+            "No such file",
+        ),
+        (
+            "garbage-cert",
+            &garbage,
+            &key,
+            3,
+            "certificate",
+            &garbage,
+            "not a valid PEM",
+        ),
+        (
+            "garbage-key",
+            &cert,
+            &garbage,
+            4,
+            "key",
+            &garbage,
+            "not a valid PEM",
+        ),
+    ];
+    for (name, c, k, line, what, path, reason) in cases {
+        let conf = write_conf(&format!("{name}.conf"), c, k);
+        let want = format!(
+            "{}:{line}: cannot read {what} {path}: {reason}",
+            conf.display()
+        );
+        let out = h3gate(name, "check", &conf);
+        assert_eq!(out.status.code(), Some(1), "{out}");
+        assert!(out.stderr.contains(&want), "{want:?} missing:\n{out}");
+        assert_eq!(out.stderr.matches("cannot read").count(), 1, "{out}");
+        assert!(!out.stdout.contains("configuration is valid"), "{out}");
+    }
+
+    // `run` refuses the same file with the same message, before binding anything.
+    let conf = env.dir.join("garbage-cert.conf");
+    let out = h3gate("garbage-cert", "run", &conf);
+    assert_eq!(out.status.code(), Some(1), "{out}");
+    let want = format!(
+        "{}:3: cannot read certificate {garbage}: not a valid PEM",
+        conf.display()
+    );
+    assert!(out.stderr.contains(&want), "{want:?} missing:\n{out}");
 }
 
 /// Receives notifications until `want` arrives; returns everything received.
