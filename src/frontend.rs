@@ -204,6 +204,28 @@ impl Core {
             self.deliver(now, key, from, to, buf);
             return;
         }
+        // Version first (RFC 9000 §6, §14.1): the long-header type bits are version-specific
+        // (QUIC v2's Initial reads as 0-RTT in v1's layout, RFC 9369 §3.2), so an unknown
+        // version gets Version Negotiation whatever its type says, never silence. A Version
+        // Negotiation packet itself is never answered (§6.1). The answer is smaller than any
+        // Initial, so it cannot amplify.
+        if hdr.ty != quiche::Type::Short && !quiche::version_is_supported(hdr.version) {
+            if hdr.ty == quiche::Type::VersionNegotiation {
+                self.stats.dropped_unknown += 1;
+                return;
+            }
+            let mut out = vec![0u8; MAX_SEND_PAYLOAD];
+            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
+                out.truncate(n);
+                debug_assert!(
+                    n <= buf.len(),
+                    "version negotiation larger than its trigger"
+                );
+                self.stats.version_negotiations += 1;
+                self.push_stateless(listener, from, to, out);
+            }
+            return;
+        }
         // Not ours: a CID another worker issued (steering off, a client that moved, a group
         // change) goes to its owner, never processed here. Short and Handshake headers always
         // carry one of our CIDs; an Initial only when it answers a Retry (it carries a token;
@@ -232,16 +254,6 @@ impl Core {
         }
         if hdr.ty != quiche::Type::Initial {
             self.stats.dropped_unknown += 1;
-            return;
-        }
-        // Version first, then Initial (RFC 9000 §6, §14.1).
-        if !quiche::version_is_supported(hdr.version) {
-            let mut out = vec![0u8; MAX_SEND_PAYLOAD];
-            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
-                out.truncate(n);
-                self.stats.version_negotiations += 1;
-                self.push_stateless(listener, from, to, out);
-            }
             return;
         }
         // A client Initial must be padded to 1200 bytes (§14.1) and carry a DCID of >= 8 (§7.2).
@@ -914,6 +926,51 @@ mod tests {
             out.push(buf[..t.len].to_vec());
         }
         out
+    }
+
+    /// A QUIC v2 Initial (RFC 9369: type bits 0b01, which v1 reads as 0-RTT) and an unknown
+    /// version both get Version Negotiation at once; a Version Negotiation packet gets nothing.
+    #[test]
+    fn v2_and_unknown_versions_get_version_negotiation() {
+        let now = Instant::now();
+        let from: SocketAddr = "10.0.0.7:5555".parse().expect("addr");
+        let to: SocketAddr = LISTEN.parse().expect("addr");
+        let long = |first: u8, version: u32| {
+            let mut d = vec![first];
+            d.extend_from_slice(&version.to_be_bytes());
+            d.push(8);
+            d.extend_from_slice(&[0xaa; 8]);
+            d.push(8);
+            d.extend_from_slice(&[0xbb; 8]);
+            d.resize(1200, 0);
+            d
+        };
+        for (what, first, version) in [
+            ("v2 Initial", 0xd0, 0x6b33_43cf),
+            ("v2 Handshake", 0xf0, 0x6b33_43cf),
+            ("unknown version", 0xc0, 0x1a2a_3a4a),
+        ] {
+            let mut core = core("off", now);
+            let mut d = long(first, version);
+            core.on_datagram(now, 0, from, to, &mut d);
+            let out = drain(&mut core, now);
+            assert_eq!(out.len(), 1, "{what}: {} datagrams", out.len());
+            let vn = &out[0];
+            assert!(vn[0] & 0x80 != 0, "{what}: not a long header");
+            assert_eq!(vn[1..5], [0, 0, 0, 0], "{what}: not version negotiation");
+            // The client's SCID comes back as the DCID.
+            assert_eq!(vn[5], 8);
+            assert_eq!(vn[6..14], [0xbb; 8], "{what}");
+            assert!(vn.len() < d.len(), "{what}: {} bytes", vn.len());
+            assert_eq!(core.stats.version_negotiations, 1, "{what}");
+        }
+        let mut core = core("off", now);
+        let mut d = long(0xc0, 0);
+        core.on_datagram(now, 0, from, to, &mut d);
+        assert!(
+            drain(&mut core, now).is_empty(),
+            "answered a version negotiation"
+        );
     }
 
     /// A quiche client that took a Retry carrying `token` (ours or anyone's) and the Initial
