@@ -207,11 +207,15 @@ impl Core {
         // Version first (RFC 9000 §6, §14.1): the long-header type bits are version-specific
         // (QUIC v2's Initial reads as 0-RTT in v1's layout, RFC 9369 §3.2), so an unknown
         // version gets Version Negotiation whatever its type says, never silence. A Version
-        // Negotiation packet itself is never answered (§6.1). The answer is smaller than any
-        // Initial, so it cannot amplify.
+        // Negotiation packet itself is never answered (§6.1), nor a datagram too small to
+        // start a v1 connection (§5.2.2: 1200 bytes), so the answer can never amplify.
         if hdr.ty != quiche::Type::Short && !quiche::version_is_supported(hdr.version) {
             if hdr.ty == quiche::Type::VersionNegotiation {
                 self.stats.dropped_unknown += 1;
+                return;
+            }
+            if buf.len() < 1200 {
+                self.stats.dropped_unparsable += 1;
                 return;
             }
             let mut out = vec![0u8; MAX_SEND_PAYLOAD];
@@ -971,6 +975,17 @@ mod tests {
             drain(&mut core, now).is_empty(),
             "answered a version negotiation"
         );
+        // A long header too short to start a connection (a junk datagram, a spoofed probe)
+        // gets nothing: a Version Negotiation answer could be larger than it.
+        let mut small = self::core("off", now);
+        let mut d = long(0xd0, 0x6b33_43cf);
+        d.truncate(30);
+        small.on_datagram(now, 0, from, to, &mut d);
+        assert!(
+            drain(&mut small, now).is_empty(),
+            "answered a 30-byte datagram"
+        );
+        assert_eq!(small.stats.dropped_unparsable, 1);
     }
 
     /// A quiche client that took a Retry carrying `token` (ours or anyone's) and the Initial
