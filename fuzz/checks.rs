@@ -674,10 +674,13 @@ fn fuzz_core(now: Instant, defaults: &str, backend: &str) -> Core {
         data.join("key.pem").display(),
     );
     let cfg = config::parse("fuzz.conf", &text).expect("fuzz core config");
+    let tickets = std::sync::Arc::new(h3gate::tickets::TicketKeys::rotating([0; 32]));
     let quic = cfg
         .frontends
         .iter()
-        .map(|fe| h3gate::frontend::quic_config(fe).expect("quiche config from fuzz/data"))
+        .map(|fe| {
+            h3gate::frontend::quic_config(fe, &tickets).expect("quiche config from fuzz/data")
+        })
         .collect();
     let listeners = vec![Listener {
         frontend: 0,

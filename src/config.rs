@@ -39,6 +39,7 @@ const GLOBAL_KEYWORDS: &[&str] = &[
     "gso",
     "gro",
     "cluster-secret",
+    "tls-ticket-keys",
     "log-file",
     "access-log",
     "dump-dir",
@@ -133,6 +134,9 @@ pub struct Global {
     /// Secret behind stateless-reset and Retry tokens, shared by a cluster so any node can
     /// answer for another; `None` = random per process start.
     pub cluster_secret: Option<[u8; 32]>,
+    /// `tls-ticket-keys FILE` and its line: session ticket keys shared by a cluster (and kept
+    /// over a restart); `None` = keys derived from a random per-process secret, rotated.
+    pub tls_ticket_keys: Option<(PathBuf, usize)>,
     /// `log-file`: stderr or a file.
     pub log_file: LogTarget,
     /// `access-log`: stderr, a file, or off.
@@ -169,6 +173,7 @@ impl Default for Global {
             gso: true,
             gro: true,
             cluster_secret: None,
+            tls_ticket_keys: None,
             log_file: LogTarget::Stderr,
             access_log: LogTarget::Stderr,
             dump_dir: None,
@@ -792,6 +797,10 @@ impl<'a> Parser<'a> {
             "cluster-secret" => {
                 let value = one_arg(keyword, args, "cluster-secret <64 hex digits>")?;
                 g.cluster_secret = Some(parse_secret(value)?);
+            }
+            "tls-ticket-keys" => {
+                let path = one_arg(keyword, args, "tls-ticket-keys <file>")?;
+                g.tls_ticket_keys = Some((PathBuf::from(path), line));
             }
             "log-file" => {
                 let value = one_arg(keyword, args, "log-file <path>|stderr")?;

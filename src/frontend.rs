@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::cid::{self, CID_LEN};
 use crate::config::{self, Config, ConfigError, Frontend, RetryMode, TlsFile};
 use crate::core::{ConnKey, Core, Handoff, StreamKey, Timer, Transmit};
 use crate::initial;
+use crate::tickets::{self, TicketKeys};
 use crate::token;
 
 pub const H3_NO_ERROR: u64 = 0x100;
@@ -59,8 +61,17 @@ pub struct Conn {
     pub(crate) established: bool,
 }
 
-fn new_quiche_config() -> Result<quiche::Config, String> {
-    quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| format!("quiche: {e}"))
+/// A quiche configuration whose TLS context encrypts session tickets with `tickets` (the
+/// process's keys, the same for every worker), or with a key of its own when `None` (`check`).
+fn new_quiche_config(tickets: Option<&Arc<TicketKeys>>) -> Result<quiche::Config, String> {
+    let Some(tickets) = tickets else {
+        return quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| format!("quiche: {e}"));
+    };
+    let mut ctx = boring::ssl::SslContextBuilder::new(boring::ssl::SslMethod::tls())
+        .map_err(|e| format!("TLS context: {e}"))?;
+    tickets::install(&mut ctx, tickets.clone());
+    quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, ctx)
+        .map_err(|e| format!("quiche: {e}"))
 }
 
 /// Loads one TLS file of a frontend into `c` exactly as a worker does; the error is the reason.
@@ -92,13 +103,13 @@ fn load_tls_file(c: &mut quiche::Config, which: TlsFile, path: &Path) -> Result<
     })
 }
 
-/// Loads every frontend's certificate and key as `run` will (the same quiche calls), so that
-/// `check` and a reload reject what a start would. Errors point at the `cert` / `key` lines of
+/// Loads every frontend's certificate and key (and the `tls-ticket-keys` file) as `run` will
+/// (the same quiche calls), so that `check` and a reload reject what a start would. Errors point at the `cert` / `key` lines of
 /// `file`.
 pub fn tls_errors(file: &str, config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     for fe in &config.frontends {
-        let mut c = match new_quiche_config() {
+        let mut c = match new_quiche_config(None) {
             Ok(c) => c,
             Err(message) => {
                 errors.push(ConfigError {
@@ -118,19 +129,29 @@ pub fn tls_errors(file: &str, config: &Config) -> Vec<ConfigError> {
                     message: config::cannot_read(which, path, &reason),
                 });
                 // Check the key on its own then: a bad cert must not hide a bad key.
-                match new_quiche_config() {
+                match new_quiche_config(None) {
                     Ok(fresh) => c = fresh,
                     Err(_) => break,
                 }
             }
         }
     }
+    if let Some((_, line)) = &config.global.tls_ticket_keys {
+        if let Err(message) = TicketKeys::from_config(&config.global) {
+            errors.push(ConfigError {
+                file: file.to_string(),
+                line: *line,
+                message,
+            });
+        }
+    }
     errors
 }
 
-/// Builds the quiche configuration of one frontend (reads its certificate and key).
-pub fn quic_config(fe: &Frontend) -> Result<quiche::Config, String> {
-    let mut c = new_quiche_config()?;
+/// Builds the quiche configuration of one frontend (reads its certificate and key); its
+/// session tickets use the process's `tickets`.
+pub fn quic_config(fe: &Frontend, tickets: &Arc<TicketKeys>) -> Result<quiche::Config, String> {
+    let mut c = new_quiche_config(Some(tickets))?;
     for which in [TlsFile::Cert, TlsFile::Key] {
         let (path, _) = fe.tls_file(which);
         load_tls_file(&mut c, which, path).map_err(|reason| {
@@ -905,7 +926,8 @@ mod tests {
              default_backend app\n    quic-retry {retry}\nbackend app\n    server s0 127.0.0.1:9\n"
         );
         let config = crate::config::parse("t.conf", &text).expect("config");
-        let qc = quic_config(&config.frontends[0]).expect("quic config");
+        let tickets = Arc::new(TicketKeys::rotating([0; 32]));
+        let qc = quic_config(&config.frontends[0], &tickets).expect("quic config");
         let listener = Listener {
             frontend: 0,
             local: LISTEN.parse().expect("addr"),

@@ -21,5 +21,6 @@ pub mod request;
 pub mod ring;
 pub mod stream;
 pub mod table;
+pub mod tickets;
 pub mod token;
 pub mod worker;

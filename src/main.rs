@@ -9,6 +9,7 @@
 //! logs), SIGUSR2 (each worker logs its state).
 
 use h3gate::config::{self, Config, ConfigError, LogTarget};
+use h3gate::tickets::TicketKeys;
 use h3gate::{cid, diag, frontend, logger, metrics, notify, privdrop, worker};
 
 use std::path::{Path, PathBuf};
@@ -383,9 +384,16 @@ fn run(cmd: RunCmd) -> ExitCode {
         None => None,
     };
     // TLS keys are often readable by root only: load them before the drop.
+    let tickets = match TicketKeys::from_config(&cfg.global) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            log::error!("{e}");
+            return ExitCode::from(1);
+        }
+    };
     let mut quic = Vec::with_capacity(workers);
     for _ in 0..workers {
-        match worker::quic_configs(&cfg) {
+        match worker::quic_configs(&cfg, &tickets) {
             Ok(q) => quic.push(q),
             Err(e) => {
                 log::error!("{e}");

@@ -28,6 +28,7 @@ use crate::diag::{self, Phase, Probe};
 use crate::frontend;
 use crate::metrics::{self, Snapshot};
 use crate::ring::{self, Handler, Ring, RingStats};
+use crate::tickets::TicketKeys;
 
 /// Longest single wait: bounds how late a stop request is noticed even if no signal interrupts
 /// the wait (signals do interrupt it).
@@ -292,9 +293,17 @@ pub struct Ops {
     pub snapshot: metrics::Shared,
 }
 
-/// QUIC + TLS configuration of every frontend (loads the certificates and keys).
-pub fn quic_configs(config: &Config) -> Result<Vec<quiche::Config>, String> {
-    config.frontends.iter().map(frontend::quic_config).collect()
+/// QUIC + TLS configuration of every frontend (loads the certificates and keys); every worker
+/// gets the same `tickets`, so a session resumes on any of them.
+pub fn quic_configs(
+    config: &Config,
+    tickets: &Arc<TicketKeys>,
+) -> Result<Vec<quiche::Config>, String> {
+    config
+        .frontends
+        .iter()
+        .map(|fe| frontend::quic_config(fe, tickets))
+        .collect()
 }
 
 fn snapshot(index: u8, core: &Core, ring: &Ring, handoff_drops: u64, loops: u64) -> Snapshot {

@@ -124,6 +124,11 @@ struct Args {
     #[argh(option)]
     rebind_every: Option<u64>,
 
+    /// resume the TLS session saved in FILE (if it exists) and save the new
+    /// one there; prints 'session: resumed' or 'session: new' (one connection)
+    #[argh(option)]
+    session: Option<String>,
+
     /// print connection details to stderr
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -356,6 +361,8 @@ struct Opts {
     multi_conn: bool,
     /// `--rate`: response body bytes per second per connection.
     rate: Option<u64>,
+    /// `--session`: where the TLS session is kept between runs.
+    session: Option<String>,
 }
 
 /// How often a rate-limited client wakes up at least while it has unread
@@ -667,8 +674,15 @@ impl<'a> Client<'a> {
         let mut scid = [0u8; 16];
         boring::rand::rand_bytes(&mut scid).map_err(|e| format!("random: {e}"))?;
         let scid = quiche::ConnectionId::from_ref(&scid);
-        let conn = quiche::connect(Some(&o.target.host), &scid, local, o.peer, &mut config)
+        let mut conn = quiche::connect(Some(&o.target.host), &scid, local, o.peer, &mut config)
             .map_err(|e| format!("quiche connect: {e:?}"))?;
+        // A missing or empty file just means a first visit.
+        if let Some(saved) = o.session.as_ref().and_then(|p| std::fs::read(p).ok()) {
+            if !saved.is_empty() {
+                conn.set_session(&saved)
+                    .map_err(|e| format!("cannot resume the session in the file: {e:?}"))?;
+            }
+        }
         if o.verbose {
             eprintln!(
                 "{tag}connecting to {} from {local}, scid {}",
@@ -806,6 +820,20 @@ impl<'a> Client<'a> {
             if let Some(t) = self.conn.timeout_instant() {
                 if t <= Instant::now() {
                     self.conn.on_timeout();
+                }
+            }
+        }
+        if let Some(path) = &self.o.session {
+            let how = if self.conn.is_resumed() {
+                "resumed"
+            } else {
+                "new"
+            };
+            eprintln!("{}session: {how}", self.tag);
+            if let Some(session) = self.conn.session() {
+                if let Err(e) = std::fs::write(path, session) {
+                    eprintln!("{}cannot save the session to {path}: {e}", self.tag);
+                    self.stats.bad = true;
                 }
             }
         }
@@ -1553,6 +1581,7 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
         timeout,
         multi_conn: args.connections > 1,
         rate: args.rate,
+        session: args.session.clone(),
     })
 }
 

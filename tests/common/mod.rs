@@ -703,6 +703,19 @@ impl Env {
         }
     }
 
+    /// Stops h3gate with SIGTERM and checks it exited 0, so that [`Env::start_proxy`] can
+    /// start another (a restart).
+    pub fn stop_proxy(&mut self) {
+        self.signal_proxy(nix::sys::signal::Signal::SIGTERM);
+        let st = self.wait_proxy_exit(Duration::from_secs(15));
+        let log = self.proxy_log();
+        match st {
+            Some(st) => assert!(st.success(), "h3gate exited {st} on SIGTERM:\n{log}"),
+            None => panic!("h3gate did not stop within 15 s of SIGTERM:\n{log}"),
+        }
+        self.proxy = None;
+    }
+
     /// h3gate's log so far.
     pub fn proxy_log(&mut self) -> String {
         let p = self.proxy_proc().log.clone();

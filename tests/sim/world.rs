@@ -141,7 +141,8 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
     let config =
         h3gate::config::parse("sim.conf", &text).map_err(|e| format!("config: {e:?}\n{text}"))?;
     let fe = config.frontends.first().ok_or("no frontend")?;
-    let mut qc = h3gate::frontend::quic_config(fe)?;
+    let tickets = std::sync::Arc::new(h3gate::tickets::TicketKeys::rotating([0; 32]));
+    let mut qc = h3gate::frontend::quic_config(fe, &tickets)?;
     // See the module comment: real-time quiche timers, kept short.
     qc.set_initial_rtt(Duration::from_millis(20));
     let mut core = Core::new(
