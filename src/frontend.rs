@@ -104,8 +104,8 @@ fn load_tls_file(c: &mut quiche::Config, which: TlsFile, path: &Path) -> Result<
 }
 
 /// Loads every frontend's certificate and key (and the `tls-ticket-keys` file) as `run` will
-/// (the same quiche calls), so that `check` and a reload reject what a start would. Errors point at the `cert` / `key` lines of
-/// `file`.
+/// (the same quiche calls), so that `check` and a reload reject what a start would. Errors
+/// point at the `cert` / `key` / `tls-ticket-keys` lines of `file`.
 pub fn tls_errors(file: &str, config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     for fe in &config.frontends {

@@ -17,7 +17,8 @@
 //! HAProxy loads unchanged (each program still decrypts only its own tickets: the session
 //! inside is BoringSSL's serialisation).
 
-use boring::hash::{hmac_sha256, MessageDigest};
+use crate::cid::Secret;
+use boring::hash::MessageDigest;
 use boring::hmac::HmacCtxRef;
 use boring::ssl::{SslContextBuilder, SslRef, TicketKeyCallbackResult};
 use boring::symm::{Cipher, CipherCtxRef};
@@ -78,7 +79,7 @@ impl TicketKey {
 
 enum Source {
     Rotating {
-        master: [u8; 32],
+        master: Secret,
     },
     /// At most `FILE_KEYS_USED` keys, oldest first; `encrypt` is the one that encrypts.
     File {
@@ -95,15 +96,19 @@ pub struct TicketKeys {
 impl TicketKeys {
     /// Keys derived from a fresh random secret (the default).
     pub fn random() -> TicketKeys {
-        let mut master = [0u8; 32];
-        crate::cid::fill_random(&mut master);
-        TicketKeys::rotating(master)
+        TicketKeys {
+            source: Source::Rotating {
+                master: Secret::random(),
+            },
+        }
     }
 
     /// Derived keys from a given secret: tests, and `random`.
     pub fn rotating(master: [u8; 32]) -> TicketKeys {
         TicketKeys {
-            source: Source::Rotating { master },
+            source: Source::Rotating {
+                master: Secret::from_bytes(master),
+            },
         }
     }
 
@@ -194,18 +199,12 @@ impl TicketKeys {
 }
 
 /// The key of one rotation period: name and AES-128 key from one HMAC, the HMAC key from another.
-fn derive(master: &[u8; 32], period: u64) -> TicketKey {
+fn derive(master: &Secret, period: u64) -> TicketKey {
     let block = |n: u8| {
         let mut label = b"h3gate ticket key ".to_vec();
         label.extend_from_slice(&period.to_be_bytes());
         label.push(n);
-        // Only an allocation failure inside BoringSSL fails this; a random key then just
-        // means tickets of this call do not resume.
-        hmac_sha256(master, &label).unwrap_or_else(|_| {
-            let mut r = [0u8; 32];
-            crate::cid::fill_random(&mut r);
-            r
-        })
+        master.derive(&label)
     };
     let (a, b) = (block(0), block(1));
     let mut name = [0u8; 16];
