@@ -141,6 +141,7 @@ impl Core {
         state.active += 1;
         if let Some(s) = self.streams.get_mut(sk) {
             s.tried.push(si);
+            log::debug!("stream {}: to server {server_name}", s.id);
             s.log.server = server_name;
         }
         // Reuse an idle connection if there is one (its armed Recv stays armed: it now reads the

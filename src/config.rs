@@ -56,6 +56,7 @@ const FRONTEND_KEYWORDS: &[&str] = &[
     "timeout",
     "quic-retry",
     "retry-threshold",
+    "allow-0rtt",
     "max-stream-buffer",
     "http-request",
 ];
@@ -239,6 +240,8 @@ pub struct Frontend {
     pub timeouts: Timeouts,
     pub retry: RetryMode,
     pub retry_threshold: usize,
+    /// `allow-0rtt`: accept early data; unsafe methods in it wait for the handshake.
+    pub allow_0rtt: bool,
     /// `max-stream-buffer` set in this frontend (a backend's own setting wins).
     pub max_stream_buffer: Option<usize>,
     pub wait_for_body: Option<WaitForBody>,
@@ -511,6 +514,7 @@ struct FrontendDraft {
     timeouts: Timeouts,
     retry: RetryMode,
     retry_threshold: usize,
+    allow_0rtt: bool,
     max_stream_buffer: Option<usize>,
     wait_for_body: Option<WaitForBody>,
     /// Keyword (or `timeout <kind>`) -> first line, for duplicate and
@@ -725,6 +729,7 @@ impl<'a> Parser<'a> {
                 timeouts: self.defaults,
                 retry: RetryMode::default(),
                 retry_threshold: DEFAULT_RETRY_THRESHOLD,
+                allow_0rtt: false,
                 max_stream_buffer: None,
                 wait_for_body: None,
                 seen: HashMap::new(),
@@ -897,6 +902,8 @@ impl<'a> Parser<'a> {
                     }
                 };
             }
+            // HAProxy's bind option is the bare word; `on|off` as h3gate's other switches.
+            "allow-0rtt" => fe.allow_0rtt = args.is_empty() || on_off(keyword, args)?,
             "retry-threshold" => {
                 let value = one_arg(keyword, args, "retry-threshold <half-open connections>")?;
                 fe.retry_threshold = parse_usize(keyword, value, 0)?;
@@ -1026,6 +1033,7 @@ impl<'a> Parser<'a> {
                     max_concurrent_streams: fe.max_concurrent_streams,
                     retry: fe.retry,
                     retry_threshold: fe.retry_threshold,
+                    allow_0rtt: fe.allow_0rtt,
                     max_stream_buffer: fe.max_stream_buffer,
                     wait_for_body: fe.wait_for_body,
                     timeouts: fe.timeouts,
@@ -1579,6 +1587,7 @@ backend app
                 },
                 retry: RetryMode::Auto,
                 retry_threshold: DEFAULT_RETRY_THRESHOLD,
+                allow_0rtt: false,
                 max_stream_buffer: None,
                 wait_for_body: None,
             }],
@@ -2469,6 +2478,34 @@ backend app
         let bad = text.replace("cluster-secret 00", "cluster-secret zz");
         let errs = parse("t.conf", &bad).unwrap_err();
         assert!(errs[0].message.contains("hexadecimal"), "{errs:?}");
+    }
+
+    #[test]
+    fn allow_0rtt_is_off_unless_asked() {
+        let base = "frontend web\n    bind :8443\n    cert c.pem\n    key k.pem\n    default_backend app\nbackend app\n    server s1 127.0.0.1:8080\n";
+        assert!(!parse("t.conf", base).unwrap().frontends[0].allow_0rtt);
+        for (line, want) in [
+            ("allow-0rtt", true),
+            ("allow-0rtt on", true),
+            ("allow-0rtt off", false),
+        ] {
+            let text = base.replace(
+                "default_backend app\n",
+                &format!("default_backend app\n    {line}\n"),
+            );
+            assert_eq!(
+                parse("t.conf", &text).unwrap().frontends[0].allow_0rtt,
+                want,
+                "{line}"
+            );
+        }
+        let text = base.replace(
+            "default_backend app\n",
+            "default_backend app\n    allow-0rtt yes\n",
+        );
+        let errs = parse("t.conf", &text).unwrap_err();
+        assert_eq!(errs[0].line, 6, "{errs:?}");
+        assert!(errs[0].message.contains("expected on or off"), "{errs:?}");
     }
 
     #[test]

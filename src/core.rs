@@ -134,6 +134,12 @@ pub struct Stats {
     pub conns_accepted: u64,
     pub conns_closed: u64,
     pub migrations: u64,
+    /// Network paths a connection had left, freed to make room for a new one.
+    pub paths_freed: u64,
+    /// Safe requests forwarded from 0-RTT (with `Early-Data: 1`).
+    pub early_data_requests: u64,
+    /// Unsafe requests in 0-RTT held until the handshake completed.
+    pub early_data_held: u64,
     pub streams_opened: u64,
     pub streams_rejected: u64,
     pub responses: [u64; 6],

@@ -24,8 +24,9 @@ pub const MAX_SEND_PAYLOAD: usize = 1350;
 /// How many of our CIDs we keep issued to a client (it needs spares to migrate).
 const ACTIVE_CIDS: u64 = 4;
 /// Our `active_connection_id_limit`. quiche 0.30 also uses it as the number of network paths a
-/// connection may keep, and it frees an old path only once no CID is linked to it; each NAT
-/// rebinding adds a path. 16 lets a connection survive that many rebindings (see README).
+/// connection keeps at once; each NAT rebinding adds one, and the patched quiche frees the least
+/// recent one the connection has left when a new one needs the room
+/// (vendor/quiche-path-reclaim.patch), so any number of rebindings fit.
 const MAX_PATHS: u64 = 16;
 /// Stateless resets, and separately INVALID_TOKEN closes, per worker per second: they answer
 /// unauthenticated input.
@@ -59,6 +60,9 @@ pub struct Conn {
     pub(crate) rotation: usize,
     /// Handshake completed (counted out of `half_open`).
     pub(crate) established: bool,
+    /// Requests with an unsafe method that arrived in 0-RTT, with the memory each needs at
+    /// admission: they wait for the handshake (replay protection, RFC 8470 §3).
+    pub(crate) held: Vec<(StreamKey, usize)>,
 }
 
 /// A quiche configuration whose TLS context encrypts session tickets with `tickets` (the
@@ -178,6 +182,10 @@ pub fn quic_config(fe: &Frontend, tickets: &Arc<TicketKeys>) -> Result<quiche::C
     c.set_active_connection_id_limit(MAX_PATHS);
     c.set_disable_active_migration(false);
     c.enable_hystart(true);
+    if fe.allow_0rtt {
+        // Tickets then allow early data; what is forwarded from it is decided per request.
+        c.enable_early_data();
+    }
     Ok(c)
 }
 
@@ -494,6 +502,7 @@ impl Core {
             last_body_at: None,
             rotation: 0,
             established: false,
+            held: Vec::new(),
         };
         let key = self.conns.insert(conn).ok()?;
         self.cids.insert(scid.to_vec(), key);
@@ -578,6 +587,7 @@ impl Core {
     /// events, CID top-up, close when drained.
     pub(crate) fn service_conn(&mut self, key: ConnKey, now: Instant) {
         let mut handshake_done = None;
+        let mut released = Vec::new();
         let h3_ready = {
             let Some(c) = self.conns.get_mut(key) else {
                 return;
@@ -589,8 +599,10 @@ impl Core {
                 self.half_open = self.half_open.saturating_sub(1);
                 self.stats.handshakes += 1;
                 log::debug!("{}: established, alpn h3", c.q.trace_id());
+                released = std::mem::take(&mut c.held);
             }
-            if c.q.is_established() && c.h3.is_none() {
+            // In 0-RTT the client's requests arrive before the handshake completes.
+            if (c.q.is_established() || c.q.is_in_early_data()) && c.h3.is_none() {
                 match quiche::h3::Connection::with_transport(&mut c.q, &self.h3_config) {
                     Ok(h3) => {
                         c.h3 = Some(h3);
@@ -608,6 +620,9 @@ impl Core {
             self.conns.get(key).is_some_and(|c| c.h3.is_some())
         };
         self.unschedule(handshake_done, Timer::Handshake(key));
+        for (sk, need) in released {
+            self.release_held(now, sk, need);
+        }
         if h3_ready {
             self.poll_h3(key, now);
             self.push_streams(key, now);
@@ -707,6 +722,10 @@ impl Core {
                         "{}: peer migrated to {peer} (local {local})",
                         c.q.trace_id()
                     );
+                }
+                quiche::PathEvent::Closed(local, peer) => {
+                    self.stats.paths_freed += 1;
+                    log::debug!("{}: path {peer} (local {local}) freed", c.q.trace_id());
                 }
                 other => log::trace!("{}: path event {other:?}", c.q.trace_id()),
             }

@@ -241,6 +241,27 @@ static FAMILIES: &[Family] = &[
         |s| s.stats.migrations
     ),
     family!(
+        "h3gate_paths_freed_total",
+        "counter",
+        "Network paths a connection had left (NAT rebinding, migration), freed for a new one.",
+        "paths_freed",
+        |s| s.stats.paths_freed
+    ),
+    family!(
+        "h3gate_early_data_requests_total",
+        "counter",
+        "Safe requests forwarded from 0-RTT early data, marked Early-Data: 1.",
+        "early_data_requests",
+        |s| s.stats.early_data_requests
+    ),
+    family!(
+        "h3gate_early_data_held_total",
+        "counter",
+        "Unsafe requests in 0-RTT early data held until the handshake completed.",
+        "early_data_held",
+        |s| s.stats.early_data_held
+    ),
+    family!(
         "h3gate_streams_opened_total",
         "counter",
         "HTTP/3 request streams opened.",

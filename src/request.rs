@@ -308,6 +308,12 @@ pub fn from_h3<'a>(
     })
 }
 
+/// GET, HEAD and OPTIONS: safe and idempotent (RFC 9110 §9.2), so forwarding one from 0-RTT
+/// early data, which an attacker may replay, changes nothing at the origin (RFC 8470 §3).
+pub fn is_safe_method(method: &[u8]) -> bool {
+    matches!(method, b"GET" | b"HEAD" | b"OPTIONS")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +636,16 @@ mod tests {
             parse(&[(":method", "CONNECT"), (":authority", "a:443")], true).unwrap_err(),
             RequestError::NotImplemented("CONNECT")
         );
+    }
+
+    #[test]
+    fn safe_methods_for_early_data() {
+        for m in ["GET", "HEAD", "OPTIONS"] {
+            assert!(is_safe_method(m.as_bytes()), "{m}");
+        }
+        for m in ["POST", "PUT", "DELETE", "PATCH", "CONNECT", "get", "TRACE"] {
+            assert!(!is_safe_method(m.as_bytes()), "{m}");
+        }
     }
 
     #[test]

@@ -162,6 +162,10 @@ impl Core {
         }
         c.next_stream_id = c.next_stream_id.max(sid + 4);
         let above_goaway = c.goaway.is_some_and(|g| sid >= g);
+        // Before the handshake completes, a request can only have come in 0-RTT (the client's
+        // 1-RTT packets cannot be read yet), which an attacker may replay.
+        let early = !c.q.is_established();
+        debug_assert!(!early || c.q.is_in_early_data());
         let peer = c.peer;
         let frontend = c.frontend;
         let backend = self.frontend_backend.get(frontend).copied().unwrap_or(0);
@@ -227,7 +231,7 @@ impl Core {
         }
 
         let fields = list.iter().map(|h| (h.name(), h.value()));
-        let req = match request::from_h3(fields, !more_frames) {
+        let mut req = match request::from_h3(fields, !more_frames) {
             Ok(r) => r,
             Err(RequestError::Malformed(why)) => {
                 log::debug!("stream {sid}: malformed request: {why}");
@@ -244,6 +248,15 @@ impl Core {
                 return;
             }
         };
+        // RFC 8470: safe, idempotent requests are forwarded at once, marked so that the origin
+        // may answer 425 Too Early; any other waits until the handshake proves the client live.
+        let hold = early && !request::is_safe_method(&req.method);
+        if early && !hold {
+            self.stats.early_data_requests += 1;
+            if !req.headers.iter().any(|(n, _)| n == b"early-data") {
+                req.headers.push((b"early-data".to_vec(), b"1".to_vec()));
+            }
+        }
         let framing = http1::body_kind(&req);
         let mut head = Vec::with_capacity(512);
         http1::encode_request_head(&req, peer, &framing, &mut head);
@@ -286,13 +299,44 @@ impl Core {
                 });
             }
         }
-        // Admission (issue #5): above the high-water mark, or when a wait-for-body reservation
-        // does not fit, the stream waits its turn in a bounded FIFO instead of taking memory.
+        if hold {
+            self.stats.early_data_held += 1;
+            log::debug!("stream {sid}: unsafe method in 0-RTT, waiting for the handshake");
+            if let Some(s) = self.streams.get_mut(sk) {
+                // Not admitted: its body stays in quiche (flow control) meanwhile.
+                s.queued = true;
+            }
+            if let Some(c) = self.conns.get_mut(ck) {
+                c.held.push((sk, need));
+            }
+            return;
+        }
+        self.admit_or_enqueue(now, sk, need);
+    }
+
+    /// Admission (issue #5): above the high-water mark, or when a wait-for-body reservation does
+    /// not fit, the stream waits its turn in a bounded FIFO instead of taking memory.
+    fn admit_or_enqueue(&mut self, now: Instant, sk: StreamKey, need: usize) {
         if self.admission.is_empty() && !self.pool.above_high_water() && self.pool.reserve(need) {
             self.admit(now, sk, need);
             return;
         }
         self.enqueue(now, sk, need);
+    }
+
+    /// The handshake completed: a request held since it arrived in 0-RTT goes on.
+    pub(crate) fn release_held(&mut self, now: Instant, sk: StreamKey, need: usize) {
+        let Some(s) = self.streams.get_mut(sk) else {
+            return; // reset or answered meanwhile
+        };
+        if !s.queued || s.resp_end {
+            return;
+        }
+        s.queued = false;
+        log::debug!("stream {}: handshake complete, request released", s.id);
+        self.admit_or_enqueue(now, sk, need);
+        // Body that arrived while held was left unread.
+        self.pump_request(now, sk);
     }
 
     /// Effective `max-stream-buffer` for a stream of this backend and frontend.

@@ -9,6 +9,8 @@
 //! - `quiche-spurious-retransmit.patch`: a stream whose re-queued data was acked before it went
 //!   out again no longer blocks every other stream (a transfer stalled under loss once the client
 //!   went quiet).
+//! - `quiche-path-reclaim.patch`: a connection survives any number of NAT rebindings, keeping at
+//!   most its path limit (the 16th rebinding hung).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
@@ -428,4 +430,96 @@ fn data_acked_after_a_probe_queued_it_again_does_not_block_other_streams() {
         more.len(),
         "the second stream sent nothing: the first one, with nothing to send, blocked the queue"
     );
+}
+
+/// `quiche-path-reclaim.patch`: a client behind a NAT that gives it a new port before every
+/// request (the old one never used again) keeps its connection through 100 rebindings, and the
+/// server keeps at most its `active_connection_id_limit` paths. The client issues no spare CID,
+/// so the server reuses the one it has on every new path; unpatched, that CID kept each old path
+/// alive and the 16th rebinding's packets were refused, silently: the connection hung.
+#[test]
+fn a_connection_survives_any_number_of_nat_rebindings() {
+    const LIMIT: u64 = 16;
+    let client_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
+    let server_addr: SocketAddr = "10.0.0.2:443".parse().expect("addr");
+    let mut server_cfg = config(true);
+    server_cfg.set_active_connection_id_limit(LIMIT);
+    server_cfg.set_initial_max_streams_bidi(1000);
+    let mut client_cfg = config(false);
+    client_cfg.set_initial_max_streams_bidi(1000);
+    let mut client = quiche::connect(
+        Some("localhost"),
+        &quiche::ConnectionId::from_ref(&[1; 16]),
+        client_addr,
+        server_addr,
+        &mut client_cfg,
+    )
+    .expect("connect");
+    let mut server = quiche::accept(
+        &quiche::ConnectionId::from_ref(&[2; 16]),
+        None,
+        server_addr,
+        client_addr,
+        &mut server_cfg,
+    )
+    .expect("accept");
+    // What the server sees as the client's address: the client itself never learns it changed.
+    let mut seen = client_addr;
+    let mut buf = [0u8; 1500];
+    let mut exchange = |client: &mut quiche::Connection, server: &mut quiche::Connection, seen| {
+        for _ in 0..50 {
+            let mut moved = 0;
+            while let Ok((len, _)) = client.send(&mut buf) {
+                let info = quiche::RecvInfo {
+                    from: seen,
+                    to: server_addr,
+                };
+                let _ = server.recv(&mut buf[..len], info);
+                moved += 1;
+            }
+            while let Ok((len, to)) = server.send(&mut buf) {
+                assert_eq!(
+                    to.to, seen,
+                    "the server answers the client's current address"
+                );
+                let info = quiche::RecvInfo {
+                    from: server_addr,
+                    to: client_addr,
+                };
+                let _ = client.recv(&mut buf[..len], info);
+                moved += 1;
+            }
+            if moved == 0 {
+                return;
+            }
+        }
+    };
+    exchange(&mut client, &mut server, seen);
+    assert!(client.is_established() && server.is_established());
+    for i in 0..100u16 {
+        seen.set_port(5000 + i);
+        let sid = u64::from(i) * 4;
+        client.stream_send(sid, b"ping", true).expect("stream_send");
+        exchange(&mut client, &mut server, seen);
+        let mut got = [0u8; 16];
+        let read = server.stream_recv(sid, &mut got);
+        assert!(
+            matches!(read, Ok((4, true))),
+            "request {} after rebinding {} never reached the server: {read:?}, {} paths",
+            i + 1,
+            i + 1,
+            server.path_stats().count()
+        );
+        server.stream_send(sid, b"pong", true).expect("answer");
+        exchange(&mut client, &mut server, seen);
+        let read = client.stream_recv(sid, &mut got);
+        assert!(matches!(read, Ok((4, true))), "answer {}: {read:?}", i + 1);
+        let paths = server.path_stats().count();
+        assert!(
+            paths as u64 <= LIMIT,
+            "{paths} paths after {} rebindings",
+            i + 1
+        );
+    }
+    assert!(!server.is_closed() && !client.is_closed());
 }

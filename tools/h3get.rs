@@ -124,10 +124,26 @@ struct Args {
     #[argh(option)]
     rebind_every: Option<u64>,
 
+    /// send the -n requests N times in rounds on the same connection, each
+    /// round once the previous one has finished (default 1)
+    #[argh(option, default = "1")]
+    repeat: usize,
+
+    /// before every round after the first (see --repeat), switch to a new
+    /// UDP socket: one NAT rebinding per round
+    #[argh(switch)]
+    rebind_each: bool,
+
     /// resume the TLS session saved in FILE (if it exists) and save the new
     /// one there; prints 'session: resumed' or 'session: new' (one connection)
     #[argh(option)]
     session: Option<String>,
+
+    /// with --session: send the requests in 0-RTT early data when the saved
+    /// ticket allows it; prints 'early data: accepted, N request(s) sent in
+    /// it' or why not
+    #[argh(switch)]
+    early_data: bool,
 
     /// print connection details to stderr
     #[argh(switch, short = 'v')]
@@ -355,6 +371,9 @@ struct Opts {
     sha256: bool,
     expect_status: Option<u16>,
     rebind_every: Option<Duration>,
+    /// `--repeat`: rounds of `requests` requests, one after another.
+    repeat: usize,
+    rebind_each: bool,
     verbose: bool,
     deadline: Instant,
     timeout: Duration,
@@ -363,6 +382,7 @@ struct Opts {
     rate: Option<u64>,
     /// `--session`: where the TLS session is kept between runs.
     session: Option<String>,
+    early_data: bool,
 }
 
 /// How often a rate-limited client wakes up at least while it has unread
@@ -620,6 +640,8 @@ struct Client<'a> {
     reqs: Vec<Req>,
     by_stream: HashMap<u64, usize>,
     next_pending: usize,
+    /// Rounds of `--repeat` not yet queued.
+    rounds_left: usize,
     then_queued: bool,
     sink: Option<Sink>,
     goaway: Option<u64>,
@@ -637,6 +659,8 @@ struct Client<'a> {
     /// event fires only once until a stream is drained, so these are read
     /// from the main loop as tokens come in.
     unread: BTreeSet<u64>,
+    /// Requests sent before the handshake completed (0-RTT).
+    early_sent: usize,
 }
 
 impl<'a> Client<'a> {
@@ -667,6 +691,9 @@ impl<'a> Client<'a> {
         config.set_initial_max_streams_bidi(1000);
         config.set_initial_max_streams_uni(1000);
         config.set_disable_active_migration(false);
+        if o.early_data {
+            config.enable_early_data();
+        }
 
         let udp = new_socket(o.peer).map_err(|e| format!("UDP socket: {e}"))?;
         let local = udp.local_addr().map_err(|e| format!("UDP socket: {e}"))?;
@@ -706,6 +733,7 @@ impl<'a> Client<'a> {
             reqs,
             by_stream: HashMap::new(),
             next_pending: 0,
+            rounds_left: o.repeat - 1,
             then_queued: false,
             sink,
             goaway: None,
@@ -718,6 +746,7 @@ impl<'a> Client<'a> {
             next_raw_sid: 0,
             bucket: o.rate.map(|r| Bucket::new(r, Instant::now())),
             unread: BTreeSet::new(),
+            early_sent: 0,
         })
     }
 
@@ -730,6 +759,9 @@ impl<'a> Client<'a> {
 
     fn run(mut self) -> Stats {
         let mut next_rebind = self.o.rebind_every.map(|d| self.start + d);
+        // The ClientHello goes out first: with a ticket that allows it, the connection is then
+        // in early data and the requests can follow at once.
+        self.flush();
         loop {
             if !self.established && self.conn.is_established() {
                 self.established = true;
@@ -742,7 +774,9 @@ impl<'a> Client<'a> {
                     );
                 }
             }
-            if self.h3.is_none() && self.conn.is_established() && !self.conn.is_closed() {
+            let early = self.o.early_data && self.conn.is_in_early_data();
+            if self.h3.is_none() && (self.conn.is_established() || early) && !self.conn.is_closed()
+            {
                 self.setup_h3();
             }
             if self.h3.is_some() {
@@ -773,8 +807,7 @@ impl<'a> Client<'a> {
             }
             let now = Instant::now();
             if now >= self.o.deadline {
-                let left = self.reqs.iter().filter(|r| !r.finished()).count()
-                    + usize::from(self.o.then.is_some() && !self.then_queued);
+                let left = self.reqs.iter().filter(|r| !r.finished()).count() + self.not_queued();
                 eprintln!(
                     "{}timeout: {left} request(s) unfinished after {:.1} s{}",
                     self.tag,
@@ -830,6 +863,16 @@ impl<'a> Client<'a> {
                 "new"
             };
             eprintln!("{}session: {how}", self.tag);
+            if self.o.early_data {
+                // BoringSSL's ssl_early_data_reason_t: 2 is accepted.
+                match self.conn.early_data_reason() {
+                    2 => eprintln!(
+                        "{}early data: accepted, {} request(s) sent in it",
+                        self.tag, self.early_sent
+                    ),
+                    why => eprintln!("{}early data: not accepted (reason {why})", self.tag),
+                }
+            }
             if let Some(session) = self.conn.session() {
                 if let Err(e) = std::fs::write(path, session) {
                     eprintln!("{}cannot save the session to {path}: {e}", self.tag);
@@ -860,10 +903,25 @@ impl<'a> Client<'a> {
     }
 
     fn all_done(&self) -> bool {
-        self.reqs.iter().all(Req::finished) && (self.o.then.is_none() || self.then_queued)
+        self.reqs.iter().all(Req::finished) && self.not_queued() == 0
+    }
+
+    /// Requests still to come: later `--repeat` rounds and the `--then` one.
+    fn not_queued(&self) -> usize {
+        self.rounds_left * self.o.requests + usize::from(self.o.then.is_some() && !self.then_queued)
     }
 
     fn maybe_queue_then(&mut self) {
+        if self.rounds_left > 0 && self.reqs.iter().all(Req::finished) {
+            self.rounds_left -= 1;
+            if self.o.rebind_each {
+                self.rebind();
+            }
+            for _ in 0..self.o.requests {
+                self.reqs.push(Req::new(false, self.o.sha256, false));
+            }
+            return;
+        }
         if self.o.then.is_some() && !self.then_queued && self.reqs.iter().all(Req::finished) {
             self.then_queued = true;
             let to_sink = self.sink.is_some();
@@ -893,8 +951,7 @@ impl<'a> Client<'a> {
 
     /// Fails every unfinished request (and the not yet queued --then one).
     fn fail_all(&mut self, why: &str) {
-        let left = self.reqs.iter().filter(|r| !r.finished()).count()
-            + usize::from(self.o.then.is_some() && !self.then_queued);
+        let left = self.reqs.iter().filter(|r| !r.finished()).count() + self.not_queued();
         if left > 0 {
             eprintln!("{}{why}: {left} request(s) unfinished", self.tag);
         }
@@ -905,10 +962,9 @@ impl<'a> Client<'a> {
         for i in 0..self.reqs.len() {
             self.fail(i, "");
         }
-        if self.o.then.is_some() && !self.then_queued {
-            self.then_queued = true;
-            self.stats.failed += 1;
-        }
+        self.stats.failed += self.not_queued() as u64;
+        self.rounds_left = 0;
+        self.then_queued = true;
     }
 
     fn complete(&mut self, i: usize) {
@@ -983,6 +1039,9 @@ impl<'a> Client<'a> {
             };
             match h3.send_request(&mut self.conn, &tpl.headers, fin) {
                 Ok(sid) => {
+                    if !self.conn.is_established() {
+                        self.early_sent += 1;
+                    }
                     let r = &mut self.reqs[i];
                     r.stream = Some(sid);
                     r.state = State::Active;
@@ -1576,12 +1635,15 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
         sha256: args.sha256,
         expect_status: args.expect_status,
         rebind_every: args.rebind_every.map(|ms| Duration::from_millis(ms.max(1))),
+        repeat: args.repeat.max(1),
+        rebind_each: args.rebind_each,
         verbose: args.verbose,
         deadline: start + timeout,
         timeout,
         multi_conn: args.connections > 1,
         rate: args.rate,
         session: args.session.clone(),
+        early_data: args.early_data,
     })
 }
 
@@ -1609,7 +1671,7 @@ fn main() {
         Some(Sink::Stdout)
     };
 
-    let per_conn = (args.requests + usize::from(opts.then.is_some())) as u64;
+    let per_conn = (args.requests * opts.repeat + usize::from(opts.then.is_some())) as u64;
     let mut sink = sink;
     let results: Vec<Stats> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..args.connections)

@@ -142,6 +142,11 @@ impl BoundedNonEmptyConnectionIdVecDeque {
         self.inner.iter()
     }
 
+    /// h3gate patch: a mutable iterator over the entries.
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut ConnectionIdEntry> {
+        self.inner.iter_mut()
+    }
+
     /// Returns the number of elements in the `VecDeque`.
     fn len(&self) -> usize {
         self.inner.len()
@@ -626,6 +631,22 @@ impl ConnectionIdentifiers {
         let e = self.scids.get_mut(dcid_seq).ok_or(Error::InvalidState)?;
         e.path_id = Some(path_id);
         Ok(())
+    }
+
+    /// h3gate patch: the path `pid` is gone; every Source and Destination CID
+    /// linked to it is linked instead to what `scid_to` and `dcid_to` say for
+    /// its sequence number (another path using it, or none).
+    pub fn relink_removed_path(
+        &mut self, pid: usize, scid_to: impl Fn(u64) -> Option<usize>,
+        dcid_to: impl Fn(u64) -> Option<usize>,
+    ) {
+        for e in self.scids.iter_mut().filter(|e| e.path_id == Some(pid)) {
+            e.path_id = scid_to(e.seq);
+        }
+
+        for e in self.dcids.iter_mut().filter(|e| e.path_id == Some(pid)) {
+            e.path_id = dcid_to(e.seq);
+        }
     }
 
     /// Updates the Destination Connection ID entry with the provided sequence

@@ -9151,6 +9151,17 @@ impl<F: BufFactory> Connection<F> {
             return Ok(recv_pid);
         }
 
+        // h3gate patch: make room for the new path by freeing one the
+        // connection has left, if the table is full (see
+        // `PathMap::reclaimable_path`); the CID lookup is redone because
+        // the freed path's CIDs were linked elsewhere.
+        if let Some(pid) = self.paths.reclaimable_path() {
+            self.reclaim_path(pid);
+            in_scid_pid = self.ids.find_scid_seq(dcid).and_then(|(_, p)| p);
+        }
+
+        let ids = &mut self.ids;
+
         // This is a new 4-tuple. See if the CID has not been assigned on
         // another path.
 
@@ -9219,6 +9230,31 @@ impl<F: BufFactory> Connection<F> {
         }
 
         Ok(pid)
+    }
+
+    /// h3gate patch: removes the path `pid`, which has nothing in flight,
+    /// and links its CIDs to the remaining path that uses each, if any.
+    fn reclaim_path(&mut self, pid: usize) {
+        trace!("{} reclaiming path {} for a new one", self.trace_id, pid);
+
+        self.paths.remove_path(pid);
+
+        let paths = &self.paths;
+        self.ids.relink_removed_path(
+            pid,
+            |seq| {
+                paths
+                    .iter()
+                    .find(|(_, p)| p.active_scid_seq == Some(seq))
+                    .map(|(id, _)| id)
+            },
+            |seq| {
+                paths
+                    .iter()
+                    .find(|(_, p)| p.active_dcid_seq == Some(seq))
+                    .map(|(id, _)| id)
+            },
+        );
     }
 
     /// Selects the path on which the next packet must be sent.

@@ -41,6 +41,7 @@ use crate::Error;
 use crate::Result;
 use crate::StartupExit;
 
+use crate::packet;
 use crate::pmtud;
 use crate::recovery;
 use crate::recovery::Bandwidth;
@@ -818,13 +819,50 @@ impl PathMap {
             .find(|(_, p)| p.unused())
             .ok_or(Error::Done)?;
 
-        let path = self.paths.remove(pid_to_remove);
+        self.remove_path(pid_to_remove);
+
+        Ok(())
+    }
+
+    /// h3gate patch: removes the path `pid` and notifies its closing.
+    pub(crate) fn remove_path(&mut self, pid: usize) {
+        let path = self.paths.remove(pid);
         self.addrs_to_paths
             .remove(&(path.local_addr, path.peer_addr));
 
         self.notify_event(PathEvent::Closed(path.local_addr, path.peer_addr));
+    }
 
-        Ok(())
+    /// h3gate patch: when the table is full and no path is unused, the path
+    /// whose slot a new one may take: one the connection has left (not
+    /// active) with nothing left to deliver (no packet in flight, no lost
+    /// frame waiting to be sent again), the least recent first, a path
+    /// still being validated only when there is no other.
+    ///
+    /// A path keeps its Destination CID after the peer migrated away from it
+    /// (quiche reuses that CID on the new path when the peer gave no spare),
+    /// so it never became unused: after `max_concurrent_paths - 1` NAT
+    /// rebindings every new 4-tuple was refused and the connection hung.
+    pub(crate) fn reclaimable_path(&self) -> Option<usize> {
+        if self.paths.len() < self.max_concurrent_paths ||
+            self.paths.iter().any(|(_, p)| p.unused())
+        {
+            return None;
+        }
+
+        self.paths
+            .iter()
+            .filter(|(_, p)| !p.active())
+            .filter(|(_, p)| p.recovery.bytes_in_flight() == 0)
+            .filter(|(_, p)| {
+                packet::Epoch::epochs(
+                    packet::Epoch::Initial..=packet::Epoch::Application,
+                )
+                .iter()
+                .all(|&e| !p.recovery.has_lost_frames(e))
+            })
+            .min_by_key(|(_, p)| (p.under_validation(), p.recency))
+            .map(|(pid, _)| pid)
     }
 
     /// Records the provided `Path` and returns its assigned identifier.

@@ -11133,12 +11133,22 @@ fn path_probing_dos(
     flight
         .iter_mut()
         .for_each(|(_, si)| si.from = client_addr_3);
-    // Both paths have DCIDs, so `make_room_for_new_path()` cannot evict either
-    // and returns `Error::Done`. `ReusedSourceConnectionId` is emitted only
-    // after successful insertion, so no event is queued.
+    // h3gate patch (quiche-path-reclaim.patch): the table stays at its limit,
+    // but the path the client is not using, with nothing in flight, makes
+    // room for the new 4-tuple (upstream refused it, which after enough NAT
+    // rebindings hung the connection). Each new 4-tuple adds at most one
+    // freed and one new path event, which the application drains.
     test_utils::process_flight(&mut pipe.server, flight)
         .expect("failed to process");
     assert_eq!(pipe.server.paths.len(), 2);
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::Closed(server_addr, client_addr_2))
+    );
+    assert_eq!(
+        pipe.server.path_event_next(),
+        Some(PathEvent::New(server_addr, client_addr_3))
+    );
     assert_eq!(pipe.server.path_event_next(), None);
 }
 
