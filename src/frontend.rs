@@ -234,10 +234,10 @@ impl Core {
             return;
         }
         // Version first (RFC 9000 §6, §14.1): the long-header type bits are version-specific
-        // (QUIC v2's Initial reads as 0-RTT in v1's layout, RFC 9369 §3.2), so an unknown
-        // version gets Version Negotiation whatever its type says, never silence. A Version
-        // Negotiation packet itself is never answered (§6.1), nor a datagram too small to
-        // start a v1 connection (§5.2.2: 1200 bytes), so the answer can never amplify.
+        // (QUIC v2 rotates them, RFC 9369 §3.2), so an unknown version gets Version Negotiation
+        // (listing v1 and v2) whatever its type bits say, never silence. A Version Negotiation
+        // packet itself is never answered (§6.1), nor a datagram too small to start a
+        // connection (§5.2.2: 1200 bytes), so the answer can never amplify.
         if hdr.ty != quiche::Type::Short && !quiche::version_is_supported(hdr.version) {
             if hdr.ty == quiche::Type::VersionNegotiation {
                 self.stats.dropped_unknown += 1;
@@ -598,7 +598,11 @@ impl Core {
                 debug_assert!(self.half_open > 0);
                 self.half_open = self.half_open.saturating_sub(1);
                 self.stats.handshakes += 1;
-                log::debug!("{}: established, alpn h3", c.q.trace_id());
+                log::debug!(
+                    "{}: established, alpn h3, QUIC version {:#x}",
+                    c.q.trace_id(),
+                    c.q.version()
+                );
                 released = std::mem::take(&mut c.held);
             }
             // In 0-RTT the client's requests arrive before the handshake completes.
@@ -976,7 +980,7 @@ mod tests {
     /// A QUIC v2 Initial (RFC 9369: type bits 0b01, which v1 reads as 0-RTT) and an unknown
     /// version both get Version Negotiation at once; a Version Negotiation packet gets nothing.
     #[test]
-    fn v2_and_unknown_versions_get_version_negotiation() {
+    fn unknown_versions_get_version_negotiation_listing_v1_and_v2() {
         let now = Instant::now();
         let from: SocketAddr = "10.0.0.7:5555".parse().expect("addr");
         let to: SocketAddr = LISTEN.parse().expect("addr");
@@ -991,9 +995,9 @@ mod tests {
             d
         };
         for (what, first, version) in [
-            ("v2 Initial", 0xd0, 0x6b33_43cf),
-            ("v2 Handshake", 0xf0, 0x6b33_43cf),
-            ("unknown version", 0xc0, 0x1a2a_3a4a),
+            ("unknown version, v1 Initial bits", 0xc0, 0x1a2a_3a4a),
+            ("unknown version, v1 0-RTT bits", 0xd0, 0x1a2a_3a4a),
+            ("draft 29", 0xc0, 0xff00_001d),
         ] {
             let mut core = core("off", now);
             let mut d = long(first, version);
@@ -1007,6 +1011,10 @@ mod tests {
             assert_eq!(vn[5], 8);
             assert_eq!(vn[6..14], [0xbb; 8], "{what}");
             assert!(vn.len() < d.len(), "{what}: {} bytes", vn.len());
+            // Then our SCID (the client's DCID) and the versions we speak.
+            assert_eq!(vn[14], 8);
+            assert_eq!(vn[15..23], [0xaa; 8], "{what}");
+            assert_eq!(vn[23..], [0, 0, 0, 1, 0x6b, 0x33, 0x43, 0xcf], "{what}");
             assert_eq!(core.stats.version_negotiations, 1, "{what}");
         }
         let mut core = core("off", now);
@@ -1019,7 +1027,7 @@ mod tests {
         // A long header too short to start a connection (a junk datagram, a spoofed probe)
         // gets nothing: a Version Negotiation answer could be larger than it.
         let mut small = self::core("off", now);
-        let mut d = long(0xd0, 0x6b33_43cf);
+        let mut d = long(0xd0, 0x1a2a_3a4a);
         d.truncate(30);
         small.on_datagram(now, 0, from, to, &mut d);
         assert!(
@@ -1027,6 +1035,27 @@ mod tests {
             "answered a 30-byte datagram"
         );
         assert_eq!(small.stats.dropped_unparsable, 1);
+    }
+
+    /// A client starting in QUIC v2 (RFC 9369) is accepted in v2: a connection, and an answer in
+    /// v2 long headers with v2's Initial type bits.
+    #[test]
+    fn a_v2_initial_is_accepted_in_v2() {
+        let now = Instant::now();
+        let from: SocketAddr = "10.0.0.7:5555".parse().expect("addr");
+        let to: SocketAddr = LISTEN.parse().expect("addr");
+        let mut core = core("off", now);
+        let (_client, mut first) =
+            crate::initial::testing::client_v(quiche::PROTOCOL_VERSION_V2, &[7; 16], from, to);
+        assert_eq!((first[0] & 0x30) >> 4, 0b01, "a v2 Initial");
+        core.on_datagram(now, 0, from, to, &mut first);
+        assert_eq!(core.live().0, 1, "no connection for a v2 Initial");
+        assert_eq!(core.stats.version_negotiations, 0);
+        let mut out = drain(&mut core, now);
+        assert!(!out.is_empty(), "no answer to a v2 Initial");
+        let hdr = quiche::Header::from_slice(&mut out[0], 16).expect("a QUIC packet");
+        assert_eq!(hdr.version, quiche::PROTOCOL_VERSION_V2);
+        assert_eq!(hdr.ty, quiche::Type::Initial);
     }
 
     /// A quiche client that took a Retry carrying `token` (ours or anyone's) and the Initial

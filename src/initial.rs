@@ -13,13 +13,42 @@ use boring::hash::MessageDigest;
 use boring::hkdf::HkdfSuite;
 use boring::symm::{self, Cipher};
 
-/// QUIC version 1: the only version quiche 0.30 speaks.
 const VERSION_1: u32 = 1;
+const VERSION_2: u32 = quiche::PROTOCOL_VERSION_V2;
 /// RFC 9001 §5.2.
 const INITIAL_SALT_V1: [u8; 20] = [
     0x38, 0x76, 0x2c, 0xf7, 0xf5, 0x59, 0x34, 0xb3, 0x4d, 0x17, 0x9a, 0xe6, 0xa4, 0xc8, 0x0c, 0xad,
     0xcc, 0xbb, 0x7f, 0x0a,
 ];
+/// RFC 9369 §3.3.1.
+const INITIAL_SALT_V2: [u8; 20] = [
+    0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe, 0x6e, 0x26, 0x9d, 0xcb,
+    0xf9, 0xbd, 0x2e, 0xd9,
+];
+
+/// What differs between the versions here (RFC 9369 §3): the salt, the HKDF labels (key, IV,
+/// header protection) and the long-header type bits of an Initial.
+struct VersionParams {
+    salt: &'static [u8; 20],
+    labels: [&'static [u8]; 3],
+    initial_bits: u8,
+}
+
+fn version_params(version: u32) -> Option<VersionParams> {
+    match version {
+        VERSION_1 => Some(VersionParams {
+            salt: &INITIAL_SALT_V1,
+            labels: [b"quic key", b"quic iv", b"quic hp"],
+            initial_bits: 0b00,
+        }),
+        VERSION_2 => Some(VersionParams {
+            salt: &INITIAL_SALT_V2,
+            labels: [b"quicv2 key", b"quicv2 iv", b"quicv2 hp"],
+            initial_bits: 0b01,
+        }),
+        _ => None,
+    }
+}
 /// RFC 9000 §20.1.
 pub const INVALID_TOKEN: u64 = 0x0b;
 const CONNECTION_CLOSE: u8 = 0x1c;
@@ -48,10 +77,12 @@ fn expand_label(prk: &[u8], label: &[u8], out: &mut [u8]) -> Option<()> {
         .ok()
 }
 
-/// The server's Initial keys for a connection whose client chose `dcid` (RFC 9001 §5.2).
-pub fn server_keys(dcid: &[u8]) -> Option<Keys> {
+/// The server's Initial keys for a connection in `version` whose client chose `dcid` (RFC 9001
+/// §5.2, RFC 9369 §3.3).
+pub fn server_keys(version: u32, dcid: &[u8]) -> Option<Keys> {
+    let v = version_params(version)?;
     let hkdf = HkdfSuite::new(MessageDigest::sha256());
-    let initial = hkdf.extract(&INITIAL_SALT_V1, dcid).ok()?;
+    let initial = hkdf.extract(v.salt, dcid).ok()?;
     let mut secret = [0u8; 32];
     expand_label(&initial, b"server in", &mut secret)?;
     let mut k = Keys {
@@ -59,9 +90,9 @@ pub fn server_keys(dcid: &[u8]) -> Option<Keys> {
         iv: [0; 12],
         hp: [0; 16],
     };
-    expand_label(&secret, b"quic key", &mut k.key)?;
-    expand_label(&secret, b"quic iv", &mut k.iv)?;
-    expand_label(&secret, b"quic hp", &mut k.hp)?;
+    expand_label(&secret, v.labels[0], &mut k.key)?;
+    expand_label(&secret, v.labels[1], &mut k.iv)?;
+    expand_label(&secret, v.labels[2], &mut k.hp)?;
     Some(k)
 }
 
@@ -89,13 +120,14 @@ fn hp_mask(hp: &[u8; 16], sample: &[u8]) -> Option<[u8; 16]> {
 }
 
 /// Builds the server Initial that answers a client Initial (`version`, its `dcid` and `scid`)
-/// with CONNECTION_CLOSE(INVALID_TOKEN). `None` for a version other than 1 or CIDs longer than
-/// QUIC allows (the caller then just drops the packet).
+/// with CONNECTION_CLOSE(INVALID_TOKEN). `None` for a version other than 1 and 2 or CIDs longer
+/// than QUIC allows (the caller then just drops the packet).
 pub fn invalid_token_close(version: u32, dcid: &[u8], scid: &[u8]) -> Option<Vec<u8>> {
-    if version != VERSION_1 || dcid.len() > MAX_CID || scid.len() > MAX_CID {
+    if dcid.len() > MAX_CID || scid.len() > MAX_CID {
         return None;
     }
-    let keys = server_keys(dcid)?;
+    let initial_bits = version_params(version)?.initial_bits;
+    let keys = server_keys(version, dcid)?;
     // Frame: type, error code, frame type (0: none in particular), reason.
     let mut plain = vec![CONNECTION_CLOSE, INVALID_TOKEN as u8, 0, REASON.len() as u8];
     plain.extend_from_slice(REASON);
@@ -108,8 +140,8 @@ pub fn invalid_token_close(version: u32, dcid: &[u8], scid: &[u8]) -> Option<Vec
     // the CID the client addressed (the SCID of our Retry, so already one of ours).
     let pn_len = 1;
     let mut pkt = Vec::with_capacity(64 + dcid.len() + scid.len());
-    pkt.push(0xc0 | (pn_len as u8 - 1));
-    pkt.extend_from_slice(&VERSION_1.to_be_bytes());
+    pkt.push(0xc0 | (initial_bits << 4) | (pn_len as u8 - 1));
+    pkt.extend_from_slice(&version.to_be_bytes());
     pkt.push(scid.len() as u8);
     pkt.extend_from_slice(scid);
     pkt.push(dcid.len() as u8);
@@ -148,10 +180,19 @@ mod tests {
     /// RFC 9001 Appendix A.1.
     #[test]
     fn server_keys_match_rfc9001_vectors() {
-        let k = server_keys(&hex("8394c8f03e515708")).unwrap();
+        let k = server_keys(VERSION_1, &hex("8394c8f03e515708")).unwrap();
         assert_eq!(k.key.to_vec(), hex("cf3a5331653c364c88f0f379b6067e37"));
         assert_eq!(k.iv.to_vec(), hex("0ac1493ca1905853b0bba03e"));
         assert_eq!(k.hp.to_vec(), hex("c206b8d9b9f0f37644430b490eeaa314"));
+    }
+
+    /// RFC 9369 Appendix A.1 (the same values as aioquic derives).
+    #[test]
+    fn server_keys_match_rfc9369_vectors() {
+        let k = server_keys(VERSION_2, &hex("8394c8f03e515708")).unwrap();
+        assert_eq!(k.key.to_vec(), hex("82db637861d55e1d011f19ea71d5d2a7"));
+        assert_eq!(k.iv.to_vec(), hex("dd13c276499c0249d3310652"));
+        assert_eq!(k.hp.to_vec(), hex("edf6d05c83121201b436e16877593c3a"));
     }
 
     #[test]
@@ -165,9 +206,15 @@ mod tests {
     /// INVALID_TOKEN and stops at once.
     #[test]
     fn quiche_client_sees_invalid_token_close() {
+        for version in [VERSION_1, VERSION_2] {
+            client_sees_invalid_token_close(version);
+        }
+    }
+
+    fn client_sees_invalid_token_close(version: u32) {
         let client: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
         let server: std::net::SocketAddr = "127.0.0.1:443".parse().unwrap();
-        let (mut q, mut first) = testing::client(&[7; 16], client, server);
+        let (mut q, mut first) = testing::client_v(version, &[7; 16], client, server);
         let retry_scid = [9u8; 16];
         let mut retry = testing::retry(&mut first, &retry_scid, b"some token");
         let info = quiche::RecvInfo {
@@ -178,6 +225,8 @@ mod tests {
         let mut buf = [0u8; 1500];
         let (n, _) = q.send(&mut buf).unwrap();
         let hdr = quiche::Header::from_slice(&mut buf[..n], 16).unwrap();
+        assert_eq!(hdr.version, version);
+        assert_eq!(hdr.ty, quiche::Type::Initial);
         assert_eq!(hdr.token.as_deref(), Some(&b"some token"[..]));
         assert_eq!(hdr.dcid.as_ref(), &retry_scid);
 
@@ -222,7 +271,17 @@ pub(crate) mod testing {
         local: SocketAddr,
         peer: SocketAddr,
     ) -> (quiche::Connection, Vec<u8>) {
-        let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
+        client_v(quiche::PROTOCOL_VERSION, scid, local, peer)
+    }
+
+    /// The same in QUIC `version`.
+    pub(crate) fn client_v(
+        version: u32,
+        scid: &[u8],
+        local: SocketAddr,
+        peer: SocketAddr,
+    ) -> (quiche::Connection, Vec<u8>) {
+        let mut cfg = quiche::Config::new(version).expect("config");
         cfg.set_application_protos(&[b"h3"]).expect("alpn");
         cfg.verify_peer(false);
         let scid = quiche::ConnectionId::from_ref(scid);

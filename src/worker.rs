@@ -582,10 +582,21 @@ mod tests {
             let mut short = vec![0x41];
             short.extend_from_slice(&cid);
             assert_eq!(run_cbpf(&prog, &short), u32::from(owner));
-            // Handshake long header: 0xe0, version, dcid len, dcid.
-            let mut long = vec![0xe0, 0, 0, 0, 1, cid.len() as u8];
-            long.extend_from_slice(&cid);
-            assert_eq!(run_cbpf(&prog, &long), u32::from(owner));
+            // Long headers of every type, v1 and v2 (whose type bits differ, RFC 9369 §3.2):
+            // the program never looks at them, only at the DCID after the version.
+            for first in [0xc0, 0xd0, 0xe0, 0xf0] {
+                for version in [1u32, quiche::PROTOCOL_VERSION_V2] {
+                    let mut long = vec![first];
+                    long.extend_from_slice(&version.to_be_bytes());
+                    long.push(cid.len() as u8);
+                    long.extend_from_slice(&cid);
+                    assert_eq!(
+                        run_cbpf(&prog, &long),
+                        u32::from(owner),
+                        "{first:x} {version:x}"
+                    );
+                }
+            }
         }
         // A client's random DCID always lands on the same, valid worker.
         let initial = [0xc0, 0, 0, 0, 1, 8, 200, 1, 2, 3, 4, 5, 6, 7];

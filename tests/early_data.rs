@@ -167,3 +167,57 @@ fn without_allow_0rtt_no_ticket_offers_early_data() {
     );
     assert!(env.proxy_alive(), "h3gate died:\n{}", env.proxy_log());
 }
+
+/// aioquic, an independent client, in 0-RTT: its GET is accepted as early data and reaches the
+/// origin with `Early-Data: 1`; its POST in early data goes without it, after the handshake.
+#[test]
+fn aioquic_in_0rtt() {
+    if !have_aioquic("aioquic_in_0rtt") {
+        return;
+    }
+    let mut env = zero_rtt_env("0rtt-aioquic");
+    let ticket = env.dir.join("ticket");
+    let t = ticket.to_string_lossy();
+    let url = env.url("/headers");
+    let out = env.aioquic(&["--ticket", &t, &url]);
+    out.assert_success();
+    assert!(out.stdout.contains("early=no"), "{out}");
+    let out = env.aioquic(&["--ticket", &t, "--early", &url]);
+    out.assert_success();
+    assert!(out.stdout.contains("resumed=yes"), "{out}");
+    assert!(
+        out.stdout.contains("early=yes"),
+        "early data refused:\n{out}"
+    );
+    assert!(
+        out.stdout.contains("\r\nearly-data: 1\r\n"),
+        "the origin did not see Early-Data: 1:\n{out}"
+    );
+    let log = last_connection_log(&mut env);
+    assert!(
+        line_at(&log, "stream 0: to server") < line_at(&log, "established"),
+        "the GET waited for the handshake:\n{log}"
+    );
+    let out = env.aioquic(&[
+        "--ticket",
+        &t,
+        "--early",
+        "--method",
+        "POST",
+        "--data-size",
+        "1000",
+        &url,
+    ]);
+    out.assert_success();
+    assert!(out.stdout.contains("early=yes"), "{out}");
+    assert!(out.stdout.contains("POST /headers "), "{out}");
+    assert!(
+        !out.stdout.to_ascii_lowercase().contains("early-data"),
+        "{out}"
+    );
+    let log = last_connection_log(&mut env);
+    assert!(
+        line_at(&log, "established") < line_at(&log, "stream 0: to server"),
+        "the POST did not wait for the handshake:\n{log}"
+    );
+}

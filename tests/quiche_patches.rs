@@ -523,3 +523,98 @@ fn a_connection_survives_any_number_of_nat_rebindings() {
     }
     assert!(!server.is_closed() && !client.is_closed());
 }
+
+/// `quiche-v2.patch`: a client that starts in QUIC version 2 (RFC 9369) completes the handshake
+/// and exchanges data in v2, its long headers carrying v2's type bits; a session ticket from v2
+/// does not resume in v1 (RFC 9369 §5).
+#[test]
+fn a_client_speaks_quic_v2_end_to_end() {
+    let client_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
+    let server_addr: SocketAddr = "10.0.0.2:443".parse().expect("addr");
+    // One server configuration: its TLS context holds the ticket keys.
+    let mut server_cfg = config(true);
+    let mut pair = |version: u32, session: Option<&[u8]>| {
+        let mut client_cfg = config(false);
+        let mut v_cfg = quiche::Config::new(version).expect("config");
+        std::mem::swap(&mut client_cfg, &mut v_cfg);
+        client_cfg.verify_peer(false);
+        client_cfg.set_application_protos(&[b"h3"]).expect("alpn");
+        client_cfg.set_initial_max_data(1_000_000);
+        client_cfg.set_initial_max_stream_data_bidi_local(1_000_000);
+        client_cfg.set_initial_max_stream_data_bidi_remote(1_000_000);
+        client_cfg.set_initial_max_streams_bidi(10);
+        let mut client = quiche::connect(
+            Some("localhost"),
+            &quiche::ConnectionId::from_ref(&[1; 16]),
+            client_addr,
+            server_addr,
+            &mut client_cfg,
+        )
+        .expect("connect");
+        if let Some(s) = session {
+            client.set_session(s).expect("session");
+        }
+        let server = quiche::accept(
+            &quiche::ConnectionId::from_ref(&[2; 16]),
+            None,
+            server_addr,
+            client_addr,
+            &mut server_cfg,
+        )
+        .expect("accept");
+        let mut p = Pipe {
+            client,
+            server,
+            client_addr,
+            server_addr,
+        };
+        // The client's first datagram: a long header with version 2 and v2's Initial bits (01).
+        let mut buf = [0u8; 1500];
+        let (len, _) = p.client.send(&mut buf).expect("first flight");
+        assert_eq!(&buf[1..5], &version.to_be_bytes());
+        let bits = (buf[0] & 0x30) >> 4;
+        assert_eq!(bits, if version == 1 { 0 } else { 1 }, "Initial type bits");
+        let info = quiche::RecvInfo {
+            from: client_addr,
+            to: server_addr,
+        };
+        p.server
+            .recv(&mut buf[..len], info)
+            .expect("server reads it");
+        for _ in 0..20 {
+            p.advance();
+        }
+        p
+    };
+    let mut p = pair(quiche::PROTOCOL_VERSION_V2, None);
+    assert!(p.client.is_established() && p.server.is_established());
+    assert_eq!(p.server.version(), quiche::PROTOCOL_VERSION_V2);
+    assert_eq!(p.client.version(), quiche::PROTOCOL_VERSION_V2);
+    p.client.stream_send(0, b"ping", true).expect("send");
+    p.advance();
+    let mut got = [0u8; 16];
+    assert!(matches!(p.server.stream_recv(0, &mut got), Ok((4, true))));
+    let body = [7u8; 50_000];
+    let (mut sent, mut total) = (0, 0);
+    for _ in 0..50 {
+        if sent < body.len() {
+            sent += p.server.stream_send(0, &body[sent..], true).unwrap_or(0);
+        }
+        p.advance();
+        let mut buf = [0u8; 65536];
+        while let Ok((n, _)) = p.client.stream_recv(0, &mut buf) {
+            total += n;
+        }
+    }
+    assert_eq!(total, 50_000);
+    // Resumption stays within a version.
+    let session = p.client.session().expect("a session ticket").to_vec();
+    let again = pair(quiche::PROTOCOL_VERSION_V2, Some(&session));
+    assert!(again.server.is_established() && again.server.is_resumed());
+    let other = pair(quiche::PROTOCOL_VERSION, Some(&session));
+    assert!(
+        other.server.is_established(),
+        "v1 with a v2 ticket must still connect"
+    );
+    assert!(!other.server.is_resumed(), "a v2 ticket resumed in v1");
+}

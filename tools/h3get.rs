@@ -145,6 +145,10 @@ struct Args {
     #[argh(switch)]
     early_data: bool,
 
+    /// QUIC version to start in: 1 (default) or 2 (RFC 9369)
+    #[argh(option, default = "1")]
+    quic_version: u8,
+
     /// print connection details to stderr
     #[argh(switch, short = 'v')]
     verbose: bool,
@@ -383,6 +387,8 @@ struct Opts {
     /// `--session`: where the TLS session is kept between runs.
     session: Option<String>,
     early_data: bool,
+    /// `--quic-version`, as on the wire.
+    version: u32,
 }
 
 /// How often a rate-limited client wakes up at least while it has unread
@@ -670,8 +676,8 @@ impl<'a> Client<'a> {
         } else {
             String::new()
         };
-        let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION)
-            .map_err(|e| format!("quiche config: {e:?}"))?;
+        let mut config =
+            quiche::Config::new(o.version).map_err(|e| format!("quiche config: {e:?}"))?;
         config.verify_peer(!o.insecure);
         if let Some(ca) = &o.cacert {
             config
@@ -767,10 +773,11 @@ impl<'a> Client<'a> {
                 self.established = true;
                 if self.o.verbose {
                     eprintln!(
-                        "{}connected in {} ms, alpn {:?}",
+                        "{}connected in {} ms, alpn {:?}, QUIC version {:#x}",
                         self.tag,
                         self.start.elapsed().as_millis(),
-                        String::from_utf8_lossy(self.conn.application_proto())
+                        String::from_utf8_lossy(self.conn.application_proto()),
+                        self.conn.version()
                     );
                 }
             }
@@ -1581,6 +1588,11 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
     if args.rate == Some(0) {
         return Err("--rate must be at least 1".into());
     }
+    let version = match args.quic_version {
+        1 => quiche::PROTOCOL_VERSION,
+        2 => quiche::PROTOCOL_VERSION_V2,
+        other => return Err(format!("--quic-version {other}: 1 or 2")),
+    };
     let timeout = Duration::try_from_secs_f64(args.timeout)
         .ok()
         .filter(|d| !d.is_zero() && d.as_secs() < 1_000_000_000)
@@ -1644,6 +1656,7 @@ fn setup(args: &Args, start: Instant) -> Result<Opts, String> {
         rate: args.rate,
         session: args.session.clone(),
         early_data: args.early_data,
+        version,
     })
 }
 

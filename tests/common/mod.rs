@@ -203,6 +203,21 @@ fn kill_child(child: &mut Child) {
 }
 
 /// Whether a program can be run (found on PATH).
+/// aioquic (PyPI) importable by `python3`: the independent client of `tests/data/aioquic_get.py`.
+/// When it is not, a test prints `SKIPPED` and returns.
+pub fn have_aioquic(test: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import aioquic"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: python3 cannot import aioquic (pip install aioquic)");
+    }
+    ok
+}
+
 pub fn have_program(name: &str) -> bool {
     match Command::new(name)
         .arg("--help")
@@ -772,6 +787,16 @@ impl Env {
 
     /// Runs h3get with a 10 s deadline.
     #[track_caller]
+    /// One request with aioquic (`tests/data/aioquic_get.py`, see there for `args`).
+    pub fn aioquic(&self, args: &[&str]) -> Out {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/aioquic_get.py");
+        self.run(
+            &format!("aioquic_get.py {}", args.join(" ")),
+            Command::new("python3").arg(script).args(args),
+            Duration::from_secs(40),
+        )
+    }
+
     pub fn h3get(&self, args: &[&str]) -> Out {
         self.h3get_t(10, args)
     }

@@ -197,6 +197,8 @@ impl Error {
             Error::CryptoBufferExceeded =>
                 WireErrorCode::CryptoBufferExceeded as u64,
             Error::KeyUpdate => WireErrorCode::KeyUpdateError as u64,
+            // h3gate patch: VERSION_NEGOTIATION_ERROR (RFC 9368 §10.2).
+            Error::UnknownVersion => 0x11,
             _ => WireErrorCode::ProtocolViolation as u64,
         }
     }

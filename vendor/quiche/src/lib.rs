@@ -436,6 +436,24 @@ pub const PROTOCOL_VERSION: u32 = PROTOCOL_VERSION_V1;
 /// Supported QUIC versions.
 const PROTOCOL_VERSION_V1: u32 = 0x0000_0001;
 
+/// h3gate patch: QUIC version 2 (RFC 9369), the same protocol as version 1
+/// with its own Initial salt, HKDF labels, long header type bits and Retry
+/// integrity key.
+pub const PROTOCOL_VERSION_V2: u32 = 0x6b33_43cf;
+
+/// h3gate patch: the versions this build speaks, most preferred first (as
+/// listed in Version Negotiation packets and the version_information
+/// transport parameter, RFC 9368).
+pub const SUPPORTED_VERSIONS: [u32; 2] =
+    [PROTOCOL_VERSION_V1, PROTOCOL_VERSION_V2];
+
+/// h3gate patch: whether `version` uses the RFC codepoint of the
+/// quic_transport_parameters TLS extension (both standard versions do; only
+/// drafts used the legacy one).
+fn uses_rfc_codepoint(version: u32) -> bool {
+    matches!(version, PROTOCOL_VERSION_V1 | PROTOCOL_VERSION_V2)
+}
+
 /// The maximum length of a connection ID.
 pub const MAX_CONN_ID_LEN: usize = packet::MAX_CID_LEN as usize;
 
@@ -1891,7 +1909,7 @@ pub fn retry(
 /// Returns true if the given protocol version is supported.
 #[inline]
 pub fn version_is_supported(version: u32) -> bool {
-    matches!(version, PROTOCOL_VERSION_V1)
+    matches!(version, PROTOCOL_VERSION_V1 | PROTOCOL_VERSION_V2)
 }
 
 /// Pushes a frame to the output packet if there is enough space.
@@ -2248,7 +2266,7 @@ impl<F: BufFactory> Connection<F> {
         conn.handshake.init(is_server)?;
 
         conn.handshake
-            .use_legacy_codepoint(config.version != PROTOCOL_VERSION_V1);
+            .use_legacy_codepoint(!uses_rfc_codepoint(config.version));
 
         conn.encode_transport_params()?;
 
@@ -3088,7 +3106,7 @@ impl<F: BufFactory> Connection<F> {
             self.crypto_ctx[packet::Epoch::Initial].crypto_seal = Some(aead_seal);
 
             self.handshake
-                .use_legacy_codepoint(self.version != PROTOCOL_VERSION_V1);
+                .use_legacy_codepoint(!uses_rfc_codepoint(self.version));
 
             // Encode transport parameters again, as the new version might be
             // using a different format.
@@ -3163,7 +3181,9 @@ impl<F: BufFactory> Connection<F> {
             self.did_version_negotiation = true;
 
             self.handshake
-                .use_legacy_codepoint(self.version != PROTOCOL_VERSION_V1);
+                .use_legacy_codepoint(!uses_rfc_codepoint(self.version));
+
+            self.handshake.bind_to_version(self.version)?;
 
             // Encode transport parameters again, as the new version might be
             // using a different format.
@@ -7856,6 +7876,13 @@ impl<F: BufFactory> Connection<F> {
         self.handshake.is_resumed()
     }
 
+    /// h3gate patch: the QUIC version in use (a server's is the client's
+    /// once its first packet was processed).
+    #[inline]
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
     /// Returns true if the connection has a pending handshake that has
     /// progressed enough to send or receive early data.
     #[inline]
@@ -8032,6 +8059,20 @@ impl<F: BufFactory> Connection<F> {
     }
 
     fn encode_transport_params(&mut self) -> Result<()> {
+        // h3gate patch: version_information (RFC 9368 §3). A server lists
+        // every version it speaks; this client can be upgraded to none, so it
+        // lists only the one it uses.
+        if uses_rfc_codepoint(self.version) {
+            let available = if self.is_server {
+                SUPPORTED_VERSIONS.to_vec()
+            } else {
+                vec![self.version]
+            };
+
+            self.local_transport_params.version_information =
+                Some((self.version, available));
+        }
+
         self.handshake.set_quic_transport_params(
             &self.local_transport_params,
             self.is_server,
@@ -8041,6 +8082,19 @@ impl<F: BufFactory> Connection<F> {
     fn parse_peer_transport_params(
         &mut self, peer_params: TransportParams,
     ) -> Result<()> {
+        // h3gate patch: RFC 9368 §4. The peer's Chosen Version must be the
+        // one in use (else an attacker changed it: VERSION_NEGOTIATION_ERROR),
+        // and a client's must be among its Available Versions.
+        if let Some((chosen, available)) = &peer_params.version_information {
+            if self.is_server && !available.contains(chosen) {
+                return Err(Error::InvalidTransportParam);
+            }
+
+            if *chosen != self.version {
+                return Err(Error::UnknownVersion);
+            }
+        }
+
         // Validate initial_source_connection_id.
         match &peer_params.initial_source_connection_id {
             Some(v) if v != &self.destination_id() =>
@@ -8167,6 +8221,8 @@ impl<F: BufFactory> Connection<F> {
             pmtud: None,
 
             is_server: self.is_server,
+
+            version: self.version,
         };
 
         if self.handshake_completed {

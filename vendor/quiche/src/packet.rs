@@ -380,13 +380,7 @@ impl<'a> Header<'a> {
         let ty = if version == 0 {
             Type::VersionNegotiation
         } else {
-            match (first & TYPE_MASK) >> 4 {
-                0x00 => Type::Initial,
-                0x01 => Type::ZeroRTT,
-                0x02 => Type::Handshake,
-                0x03 => Type::Retry,
-                _ => return Err(Error::InvalidPacket),
-            }
+            long_type_from_bits((first & TYPE_MASK) >> 4, version)?
         };
 
         let dcid_len = b.get_u8()?;
@@ -478,13 +472,7 @@ impl<'a> Header<'a> {
         }
 
         // Encode long header.
-        let ty: u8 = match self.ty {
-            Type::Initial => 0x00,
-            Type::ZeroRTT => 0x01,
-            Type::Handshake => 0x02,
-            Type::Retry => 0x03,
-            _ => return Err(Error::InvalidPacket),
-        };
+        let ty = long_type_bits(self.ty, self.version)?;
 
         first |= FORM_BIT | FIXED_BIT | (ty << 4);
 
@@ -531,6 +519,41 @@ impl<'a> Header<'a> {
     fn is_long(b: u8) -> bool {
         b & FORM_BIT != 0
     }
+}
+
+/// h3gate patch: the two long header type bits of `ty` in `version` (RFC
+/// 9000 §17.2; QUIC v2 rotates them, RFC 9369 §3.2).
+fn long_type_bits(ty: Type, version: u32) -> Result<u8> {
+    let v1 = match ty {
+        Type::Initial => 0x00,
+        Type::ZeroRTT => 0x01,
+        Type::Handshake => 0x02,
+        Type::Retry => 0x03,
+        _ => return Err(Error::InvalidPacket),
+    };
+
+    Ok(if version == crate::PROTOCOL_VERSION_V2 {
+        (v1 + 1) & 0x03
+    } else {
+        v1
+    })
+}
+
+/// h3gate patch: the inverse of `long_type_bits`.
+fn long_type_from_bits(bits: u8, version: u32) -> Result<Type> {
+    let v1 = if version == crate::PROTOCOL_VERSION_V2 {
+        (bits + 3) & 0x03
+    } else {
+        bits
+    };
+
+    Ok(match v1 {
+        0x00 => Type::Initial,
+        0x01 => Type::ZeroRTT,
+        0x02 => Type::Handshake,
+        0x03 => Type::Retry,
+        _ => return Err(Error::InvalidPacket),
+    })
 }
 
 impl std::fmt::Debug for Header<'_> {
@@ -748,7 +771,11 @@ pub fn negotiate_version(
     b.put_bytes(scid)?;
     b.put_u8(dcid.len() as u8)?;
     b.put_bytes(dcid)?;
-    b.put_u32(crate::PROTOCOL_VERSION_V1)?;
+
+    // h3gate patch: every version spoken, not only v1.
+    for v in crate::SUPPORTED_VERSIONS {
+        b.put_u32(v)?;
+    }
 
     Ok(b.off())
 }
@@ -809,9 +836,22 @@ fn compute_retry_integrity_tag(
         0x46, 0x15, 0x99, 0xd3, 0x5d, 0x63, 0x2b, 0xf2, 0x23, 0x98, 0x25, 0xbb,
     ];
 
+    // h3gate patch: RFC 9369 §3.3.3.
+    const RETRY_INTEGRITY_KEY_V2: [u8; KEY_LEN] = [
+        0x8f, 0xb4, 0xb0, 0x1b, 0x56, 0xac, 0x48, 0xe2, 0x60, 0xfb, 0xcb, 0xce,
+        0xad, 0x7c, 0xcc, 0x92,
+    ];
+
+    const RETRY_INTEGRITY_NONCE_V2: [u8; crypto::MAX_NONCE_LEN] = [
+        0xd8, 0x69, 0x69, 0xbc, 0x2d, 0x7c, 0x6d, 0x99, 0x90, 0xef, 0xb0, 0x4a,
+    ];
+
     let (key, nonce) = match version {
         crate::PROTOCOL_VERSION_V1 =>
             (&RETRY_INTEGRITY_KEY_V1, RETRY_INTEGRITY_NONCE_V1),
+
+        crate::PROTOCOL_VERSION_V2 =>
+            (&RETRY_INTEGRITY_KEY_V2, RETRY_INTEGRITY_NONCE_V2),
 
         _ => (&RETRY_INTEGRITY_KEY_V1, RETRY_INTEGRITY_NONCE_V1),
     };

@@ -191,6 +191,9 @@ pub struct TransportParams {
     pub max_datagram_frame_size: Option<u64>,
     /// Unknown peer transport parameters and values, if any.
     pub unknown_params: Option<UnknownTransportParameters>,
+    /// h3gate patch: version_information (RFC 9368 §3): the Chosen Version
+    /// and the Available Versions.
+    pub version_information: Option<(u32, Vec<u32>)>,
     // pub preferred_address: ...,
 }
 
@@ -215,6 +218,7 @@ impl Default for TransportParams {
             retry_source_connection_id: None,
             max_datagram_frame_size: None,
             unknown_params: Default::default(),
+            version_information: None,
         }
     }
 }
@@ -372,6 +376,31 @@ impl TransportParams {
 
                 0x0020 => {
                     tp.max_datagram_frame_size = Some(val.get_varint()?);
+                },
+
+                // h3gate patch: version_information, RFC 9368 §3. A Chosen
+                // Version of 0, a length that is not a multiple of 4 or a 0
+                // among the Available Versions is a parsing failure.
+                0x0011 => {
+                    let chosen = val.get_u32()?;
+
+                    if chosen == 0 || val.cap() % 4 != 0 {
+                        return Err(Error::InvalidTransportParam);
+                    }
+
+                    let mut available = Vec::with_capacity(val.cap() / 4);
+
+                    while val.cap() > 0 {
+                        let v = val.get_u32()?;
+
+                        if v == 0 {
+                            return Err(Error::InvalidTransportParam);
+                        }
+
+                        available.push(v);
+                    }
+
+                    tp.version_information = Some((chosen, available));
                 },
 
                 // Track unknown transport parameters specially.
@@ -556,6 +585,19 @@ impl TransportParams {
                 octets::varint_len(max_datagram_frame_size),
             )?;
             b.put_varint(max_datagram_frame_size)?;
+        }
+
+        if let Some((chosen, available)) = &tp.version_information {
+            TransportParams::encode_param(
+                &mut b,
+                0x0011,
+                4 + 4 * available.len(),
+            )?;
+            b.put_u32(*chosen)?;
+
+            for &v in available {
+                b.put_u32(v)?;
+            }
         }
 
         let out_len = b.off();

@@ -54,15 +54,23 @@ impl PacketKey {
         })
     }
 
+    #[cfg(test)]
     pub fn from_secret(aead: Algorithm, secret: &[u8], enc: u32) -> Result<Self> {
+        Self::from_secret_v(aead, secret, enc, crate::PROTOCOL_VERSION_V1)
+    }
+
+    /// h3gate patch: with `version`'s HKDF labels.
+    pub fn from_secret_v(
+        aead: Algorithm, secret: &[u8], enc: u32, version: u32,
+    ) -> Result<Self> {
         let key_len = aead.key_len();
         let nonce_len = aead.nonce_len();
 
         let mut key = vec![0; key_len];
         let mut iv = vec![0; nonce_len];
 
-        derive_pkt_key(aead, secret, &mut key)?;
-        derive_pkt_iv(aead, secret, &mut iv)?;
+        derive_pkt_key_v(aead, secret, &mut key, version)?;
+        derive_pkt_iv_v(aead, secret, &mut iv, version)?;
 
         let mut pkt_key = Self::new(aead, key, iv, enc)?;
 

@@ -128,6 +128,9 @@ type HeaderProtectionMask = [u8; HP_MASK_LEN];
 pub struct Open {
     alg: Algorithm,
 
+    /// h3gate patch: the QUIC version whose HKDF labels derive the next key.
+    version: u32,
+
     secret: Vec<u8>,
 
     header: HeaderProtectionKey,
@@ -148,6 +151,8 @@ impl Open {
         Ok(Open {
             alg,
 
+            version: crate::PROTOCOL_VERSION_V1,
+
             secret,
 
             header: HeaderProtectionKey::new(alg, hp_key)?,
@@ -156,15 +161,30 @@ impl Open {
         })
     }
 
+    #[cfg(test)]
     pub fn from_secret(aead: Algorithm, secret: &[u8]) -> Result<Open> {
+        Self::from_secret_v(aead, secret, crate::PROTOCOL_VERSION_V1)
+    }
+
+    /// h3gate patch: keys from a TLS secret with `version`'s HKDF labels.
+    pub fn from_secret_v(
+        aead: Algorithm, secret: &[u8], version: u32,
+    ) -> Result<Open> {
         Ok(Open {
             alg: aead,
 
+            version,
+
             secret: secret.to_vec(),
 
-            header: HeaderProtectionKey::from_secret(aead, secret)?,
+            header: HeaderProtectionKey::from_secret_v(aead, secret, version)?,
 
-            packet: PacketKey::from_secret(aead, secret, Self::DECRYPT)?,
+            packet: PacketKey::from_secret_v(
+                aead,
+                secret,
+                Self::DECRYPT,
+                version,
+            )?,
         })
     }
 
@@ -181,13 +201,20 @@ impl Open {
     }
 
     pub fn derive_next_packet_key(&self) -> Result<Open> {
-        let next_secret = derive_next_secret(self.alg, &self.secret)?;
+        let next_secret =
+            derive_next_secret(self.alg, &self.secret, self.version)?;
 
-        let next_packet_key =
-            PacketKey::from_secret(self.alg, &next_secret, Self::DECRYPT)?;
+        let next_packet_key = PacketKey::from_secret_v(
+            self.alg,
+            &next_secret,
+            Self::DECRYPT,
+            self.version,
+        )?;
 
         Ok(Open {
             alg: self.alg,
+
+            version: self.version,
 
             secret: next_secret,
 
@@ -219,6 +246,9 @@ impl Open {
 pub struct Seal {
     alg: Algorithm,
 
+    /// h3gate patch: the QUIC version whose HKDF labels derive the next key.
+    version: u32,
+
     secret: Vec<u8>,
 
     header: HeaderProtectionKey,
@@ -239,6 +269,8 @@ impl Seal {
         Ok(Seal {
             alg,
 
+            version: crate::PROTOCOL_VERSION_V1,
+
             secret,
 
             header: HeaderProtectionKey::new(alg, hp_key)?,
@@ -247,15 +279,30 @@ impl Seal {
         })
     }
 
+    #[cfg(test)]
     pub fn from_secret(aead: Algorithm, secret: &[u8]) -> Result<Seal> {
+        Self::from_secret_v(aead, secret, crate::PROTOCOL_VERSION_V1)
+    }
+
+    /// h3gate patch: keys from a TLS secret with `version`'s HKDF labels.
+    pub fn from_secret_v(
+        aead: Algorithm, secret: &[u8], version: u32,
+    ) -> Result<Seal> {
         Ok(Seal {
             alg: aead,
 
+            version,
+
             secret: secret.to_vec(),
 
-            header: HeaderProtectionKey::from_secret(aead, secret)?,
+            header: HeaderProtectionKey::from_secret_v(aead, secret, version)?,
 
-            packet: PacketKey::from_secret(aead, secret, Self::ENCRYPT)?,
+            packet: PacketKey::from_secret_v(
+                aead,
+                secret,
+                Self::ENCRYPT,
+                version,
+            )?,
         })
     }
 
@@ -272,13 +319,20 @@ impl Seal {
     }
 
     pub fn derive_next_packet_key(&self) -> Result<Seal> {
-        let next_secret = derive_next_secret(self.alg, &self.secret)?;
+        let next_secret =
+            derive_next_secret(self.alg, &self.secret, self.version)?;
 
-        let next_packet_key =
-            PacketKey::from_secret(self.alg, &next_secret, Self::ENCRYPT)?;
+        let next_packet_key = PacketKey::from_secret_v(
+            self.alg,
+            &next_secret,
+            Self::ENCRYPT,
+            self.version,
+        )?;
 
         Ok(Seal {
             alg: self.alg,
+
+            version: self.version,
 
             secret: next_secret,
 
@@ -315,14 +369,32 @@ impl Seal {
 }
 
 impl HeaderProtectionKey {
+    #[cfg(test)]
     pub fn from_secret(aead: Algorithm, secret: &[u8]) -> Result<Self> {
+        Self::from_secret_v(aead, secret, crate::PROTOCOL_VERSION_V1)
+    }
+
+    /// h3gate patch: with `version`'s HKDF label.
+    pub fn from_secret_v(
+        aead: Algorithm, secret: &[u8], version: u32,
+    ) -> Result<Self> {
         let key_len = aead.key_len();
 
         let mut hp_key = vec![0; key_len];
 
-        derive_hdr_key(aead, secret, &mut hp_key)?;
+        derive_hdr_key_v(aead, secret, &mut hp_key, version)?;
 
         Self::new(aead, hp_key)
+    }
+}
+
+/// h3gate patch: the HKDF labels of `version` (RFC 9001 §5.1, RFC 9369
+/// §3.3.2): packet key, IV, header protection key, key update.
+fn labels(version: u32) -> [&'static [u8]; 4] {
+    if version == crate::PROTOCOL_VERSION_V2 {
+        [b"quicv2 key", b"quicv2 iv", b"quicv2 hp", b"quicv2 ku"]
+    } else {
+        [b"quic key", b"quic iv", b"quic hp", b"quic ku"]
     }
 }
 
@@ -351,13 +423,13 @@ pub fn derive_initial_key_material(
     if did_reset {
         let (open, seal) = if is_server {
             (
-                Open::from_secret(aead, &client_secret)?,
-                Seal::from_secret(aead, &server_secret)?,
+                Open::from_secret_v(aead, &client_secret, version)?,
+                Seal::from_secret_v(aead, &server_secret, version)?,
             )
         } else {
             (
-                Open::from_secret(aead, &server_secret)?,
-                Seal::from_secret(aead, &client_secret)?,
+                Open::from_secret_v(aead, &server_secret, version)?,
+                Seal::from_secret_v(aead, &client_secret, version)?,
             )
         };
 
@@ -369,20 +441,20 @@ pub fn derive_initial_key_material(
     let mut client_iv = vec![0; nonce_len];
     let mut client_hp_key = vec![0; key_len];
 
-    derive_pkt_key(aead, &client_secret, &mut client_key)?;
-    derive_pkt_iv(aead, &client_secret, &mut client_iv)?;
-    derive_hdr_key(aead, &client_secret, &mut client_hp_key)?;
+    derive_pkt_key_v(aead, &client_secret, &mut client_key, version)?;
+    derive_pkt_iv_v(aead, &client_secret, &mut client_iv, version)?;
+    derive_hdr_key_v(aead, &client_secret, &mut client_hp_key, version)?;
 
     // Server.
     let mut server_key = vec![0; key_len];
     let mut server_iv = vec![0; nonce_len];
     let mut server_hp_key = vec![0; key_len];
 
-    derive_pkt_key(aead, &server_secret, &mut server_key)?;
-    derive_pkt_iv(aead, &server_secret, &mut server_iv)?;
-    derive_hdr_key(aead, &server_secret, &mut server_hp_key)?;
+    derive_pkt_key_v(aead, &server_secret, &mut server_key, version)?;
+    derive_pkt_iv_v(aead, &server_secret, &mut server_iv, version)?;
+    derive_hdr_key_v(aead, &server_secret, &mut server_hp_key, version)?;
 
-    let (open, seal) = if is_server {
+    let (mut open, mut seal) = if is_server {
         (
             Open::new(aead, client_key, client_iv, client_hp_key, client_secret)?,
             Seal::new(aead, server_key, server_iv, server_hp_key, server_secret)?,
@@ -393,6 +465,9 @@ pub fn derive_initial_key_material(
             Seal::new(aead, client_key, client_iv, client_hp_key, client_secret)?,
         )
     };
+
+    open.version = version;
+    seal.version = version;
 
     Ok((open, seal))
 }
@@ -405,8 +480,16 @@ fn derive_initial_secret(
         0xa4, 0xc8, 0x0c, 0xad, 0xcc, 0xbb, 0x7f, 0x0a,
     ];
 
+    // h3gate patch: RFC 9369 §3.3.1.
+    const INITIAL_SALT_V2: [u8; 20] = [
+        0x0d, 0xed, 0xe3, 0xde, 0xf7, 0x00, 0xa6, 0xdb, 0x81, 0x93, 0x81, 0xbe,
+        0x6e, 0x26, 0x9d, 0xcb, 0xf9, 0xbd, 0x2e, 0xd9,
+    ];
+
     let salt = match version {
         crate::PROTOCOL_VERSION_V1 => &INITIAL_SALT_V1,
+
+        crate::PROTOCOL_VERSION_V2 => &INITIAL_SALT_V2,
 
         _ => &INITIAL_SALT_V1,
     };
@@ -428,20 +511,30 @@ fn derive_server_initial_secret(
     hkdf_expand_label(aead, prk, LABEL, out)
 }
 
-fn derive_next_secret(aead: Algorithm, secret: &[u8]) -> Result<Vec<u8>> {
-    const LABEL: &[u8] = b"quic ku";
+fn derive_next_secret(
+    aead: Algorithm, secret: &[u8], version: u32,
+) -> Result<Vec<u8>> {
+    let label = labels(version)[3];
 
     let mut next_secret = vec![0u8; secret.len()];
 
-    hkdf_expand_label(aead, secret, LABEL, &mut next_secret)?;
+    hkdf_expand_label(aead, secret, label, &mut next_secret)?;
 
     Ok(next_secret)
 }
 
+#[cfg(test)]
 pub fn derive_hdr_key(
     aead: Algorithm, secret: &[u8], out: &mut [u8],
 ) -> Result<()> {
-    const LABEL: &[u8] = b"quic hp";
+    derive_hdr_key_v(aead, secret, out, crate::PROTOCOL_VERSION_V1)
+}
+
+/// h3gate patch: with `version`'s label.
+pub fn derive_hdr_key_v(
+    aead: Algorithm, secret: &[u8], out: &mut [u8], version: u32,
+) -> Result<()> {
+    let label = labels(version)[2];
 
     let key_len = aead.key_len();
 
@@ -449,11 +542,19 @@ pub fn derive_hdr_key(
         return Err(Error::CryptoFail);
     }
 
-    hkdf_expand_label(aead, secret, LABEL, &mut out[..key_len])
+    hkdf_expand_label(aead, secret, label, &mut out[..key_len])
 }
 
+#[cfg(test)]
 pub fn derive_pkt_key(aead: Algorithm, prk: &[u8], out: &mut [u8]) -> Result<()> {
-    const LABEL: &[u8] = b"quic key";
+    derive_pkt_key_v(aead, prk, out, crate::PROTOCOL_VERSION_V1)
+}
+
+/// h3gate patch: with `version`'s label.
+pub fn derive_pkt_key_v(
+    aead: Algorithm, prk: &[u8], out: &mut [u8], version: u32,
+) -> Result<()> {
+    let label = labels(version)[0];
 
     let key_len: usize = aead.key_len();
 
@@ -461,11 +562,19 @@ pub fn derive_pkt_key(aead: Algorithm, prk: &[u8], out: &mut [u8]) -> Result<()>
         return Err(Error::CryptoFail);
     }
 
-    hkdf_expand_label(aead, prk, LABEL, &mut out[..key_len])
+    hkdf_expand_label(aead, prk, label, &mut out[..key_len])
 }
 
+#[cfg(test)]
 pub fn derive_pkt_iv(aead: Algorithm, prk: &[u8], out: &mut [u8]) -> Result<()> {
-    const LABEL: &[u8] = b"quic iv";
+    derive_pkt_iv_v(aead, prk, out, crate::PROTOCOL_VERSION_V1)
+}
+
+/// h3gate patch: with `version`'s label.
+pub fn derive_pkt_iv_v(
+    aead: Algorithm, prk: &[u8], out: &mut [u8], version: u32,
+) -> Result<()> {
+    let label = labels(version)[1];
 
     let nonce_len = aead.nonce_len();
 
@@ -473,7 +582,7 @@ pub fn derive_pkt_iv(aead: Algorithm, prk: &[u8], out: &mut [u8]) -> Result<()> 
         return Err(Error::CryptoFail);
     }
 
-    hkdf_expand_label(aead, prk, LABEL, &mut out[..nonce_len])
+    hkdf_expand_label(aead, prk, label, &mut out[..nonce_len])
 }
 
 fn hkdf_expand_label(
@@ -657,7 +766,7 @@ mod tests {
         ];
         assert_eq!(&hdr_key, &expected_hdr_key);
 
-        let next_secret = derive_next_secret(aead, &secret).unwrap();
+        let next_secret = derive_next_secret(aead, &secret, crate::PROTOCOL_VERSION_V1).unwrap();
         let expected_secret = [
             0x12, 0x23, 0x50, 0x47, 0x55, 0x03, 0x6d, 0x55, 0x63, 0x42, 0xee,
             0x93, 0x61, 0xd2, 0x53, 0x42, 0x1a, 0x82, 0x6c, 0x9e, 0xcd, 0xf3,

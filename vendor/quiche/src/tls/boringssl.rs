@@ -114,6 +114,29 @@ impl Handshake {
         })
     }
 
+    /// h3gate patch: a session made in one QUIC version must not resume, nor
+    /// carry 0-RTT, in another (RFC 9369 §5): every version other than 1
+    /// gets its own session ID context (BoringSSL only resumes a session of
+    /// the same context) and early data context.
+    pub fn bind_to_version(&mut self, version: u32) -> Result<()> {
+        if version == crate::PROTOCOL_VERSION_V1 {
+            return Ok(());
+        }
+
+        let mut context = *b"quiche-v00000000";
+        context[8..].copy_from_slice(format!("{version:08x}").as_bytes());
+
+        map_result(unsafe {
+            SSL_set_session_id_context(
+                self.as_mut_ptr(),
+                context.as_ptr(),
+                context.len(),
+            )
+        })?;
+
+        self.set_quic_early_data_context(&context)
+    }
+
     pub fn set_session(&mut self, session: &[u8]) -> Result<()> {
         unsafe {
             let ctx = SSL_get_SSL_CTX(self.as_ptr());
@@ -347,6 +370,10 @@ extern "C" {
 
     fn SSL_set_quic_early_data_context(
         ssl: *mut SSL, context: *const u8, context_len: usize,
+    ) -> c_int;
+
+    fn SSL_set_session_id_context(
+        ssl: *mut SSL, sid_ctx: *const u8, sid_ctx_len: usize,
     ) -> c_int;
 
     #[cfg(test)]

@@ -474,7 +474,8 @@ impl Handshake {
     pub fn set_quic_transport_params(
         &mut self, params: &crate::TransportParams, is_server: bool,
     ) -> Result<()> {
-        let mut raw_params = [0; 128];
+        // h3gate patch: room for version_information too.
+        let mut raw_params = [0; 256];
 
         let raw_params =
             crate::TransportParams::encode(params, is_server, &mut raw_params)?;
@@ -727,6 +728,9 @@ pub struct ExData<'a> {
     pub pmtud: Option<(bool, u8)>,
 
     pub is_server: bool,
+
+    /// h3gate patch: the connection's QUIC version (its HKDF labels).
+    pub version: u32,
 }
 
 impl<'a> ExData<'a> {
@@ -799,7 +803,7 @@ extern "C" fn set_read_secret(
     if level != crypto::Level::ZeroRTT || ex_data.is_server {
         let secret = unsafe { slice::from_raw_parts(secret, secret_len) };
 
-        let open = match crypto::Open::from_secret(aead, secret) {
+        let open = match crypto::Open::from_secret_v(aead, secret, ex_data.version) {
             Ok(v) => v,
 
             Err(_) => return 0,
@@ -848,7 +852,7 @@ extern "C" fn set_write_secret(
     if level != crypto::Level::ZeroRTT || !ex_data.is_server {
         let secret = unsafe { slice::from_raw_parts(secret, secret_len) };
 
-        let seal = match crypto::Seal::from_secret(aead, secret) {
+        let seal = match crypto::Seal::from_secret_v(aead, secret, ex_data.version) {
             Ok(v) => v,
 
             Err(_) => return 0,
