@@ -732,6 +732,10 @@ def run_memory(e, sc, quick):
                      statuses=statuses)
             if not alive:
                 m["problem"] = f"{p.name} died during the run; its log:\n{tail}"
+            elif m["failed"] or other or rc != 0:
+                # 503 is the budget's admission answer; anything else is a failed request.
+                m["problem"] = (f"{m['failed']} request(s) without a response, {other} with a "
+                                f"status other than 2xx/503, h3get exit {rc}")
             errs = [ln for ln in stderr.splitlines() if ln.strip()]
             if errs:
                 m["h3get_err"] = errs[:3] + ([f"... {len(errs) - 3} more lines"] if len(errs) > 3 else [])

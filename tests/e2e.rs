@@ -472,7 +472,8 @@ fn junk_datagrams_are_ignored() {
 
 // 12. --------------------------------------------------------------------
 
-/// gtlsclient (ngtcp2-client) present? If not: fail under CI, else skip.
+/// gtlsclient (ngtcp2-client) present? If not: fail under `tools/test` (which installs it and
+/// sets H3GATE_STRICT_TESTS) or CI, else print SKIPPED.
 fn gtlsclient_or_skip(test: &str) -> bool {
     if have_program("gtlsclient") {
         return true;
@@ -481,8 +482,8 @@ fn gtlsclient_or_skip(test: &str) -> bool {
         "{test}: gtlsclient not found (Debian package ngtcp2-client: \
          apt-get install -y ngtcp2-client, or H3GATE_SETUP_TESTS=1 tools/setup)"
     );
-    if std::env::var_os("CI").is_some() {
-        panic!("{msg}; CI is set, so this is a failure");
+    if std::env::var_os("CI").is_some() || std::env::var_os("H3GATE_STRICT_TESTS").is_some() {
+        panic!("{msg}; tools/test (or CI) runs it, so this is a failure");
     }
     eprintln!("SKIPPED {msg}");
     false
@@ -744,4 +745,17 @@ fn version_subcommand() {
             .starts_with(&format!("h3gate {}", env!("CARGO_PKG_VERSION"))),
         "{out}"
     );
+}
+
+/// The harness itself: an h3gate that dies during a test which did not stop it fails that test
+/// at teardown, even when every request before had passed (a crash after the last response).
+#[test]
+#[should_panic(expected = "during the test, which did not stop it")]
+fn the_harness_notices_a_proxy_that_died() {
+    let mut env = Env::start("harness-died");
+    let out = env.h3get(&["--sha256", &env.url("/")]);
+    out.assert_success();
+    let pid = nix::unistd::Pid::from_raw(env.proxy_pid());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
+    std::thread::sleep(Duration::from_millis(200));
 }

@@ -28,12 +28,14 @@ fn live_counts(env: &mut Env) -> (u64, u64, u64) {
         if lines.len() > before {
             let mut sum = (0, 0, 0);
             for l in &lines[before..] {
+                // Strict: a renamed or missing field fails here instead of reading as 0 and
+                // making every "back to zero" assertion pass unchecked.
                 let num = |key: &str| -> u64 {
                     l.split(key)
                         .nth(1)
                         .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
                         .and_then(|n| n.parse().ok())
-                        .unwrap_or(0)
+                        .unwrap_or_else(|| panic!("no number after '{key}' in the state dump: {l}"))
                 };
                 sum.0 += num("state: connections ");
                 sum.1 += num(", streams ");
@@ -50,6 +52,8 @@ fn live_counts(env: &mut Env) -> (u64, u64, u64) {
     }
 }
 
+/// VmRSS of a live process; a process that is gone (or a missing field) fails the test, never
+/// reads as 0 (which would pass every "RSS back where it was" check).
 fn rss_kib(pid: i32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -58,7 +62,7 @@ fn rss_kib(pid: i32) -> u64 {
                 .find(|l| l.starts_with("VmRSS:"))
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no VmRSS for pid {pid}: is h3gate still running?"))
 }
 
 /// Asserts the proxy's RSS is back within `slack_mib` of `before_kib`, except under

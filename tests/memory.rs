@@ -4,8 +4,8 @@
 //! budget's own accounting is read from the per-worker stats h3gate logs
 //! when it stops.
 //!
-//! Run with `cargo test --test memory -- --test-threads=1`: the RSS bounds
-//! assume nothing else in this binary loads the machine at the same time.
+//! The RSS bounds assume nothing else in this binary loads the machine at the
+//! same time, so the tests run one at a time (`one_at_a_time`).
 
 mod common;
 
@@ -228,6 +228,7 @@ fn warm_up(env: &Env) {
 
 #[test]
 fn uploads_under_budget_complete_or_503() {
+    let _serial = one_at_a_time();
     const WORKERS: usize = 2;
     const BUDGET: u64 = 64 * MIB;
     let mut env = Env::start_with("mem-uploads", |c| {
@@ -339,6 +340,7 @@ fn uploads_under_budget_complete_or_503() {
 
 #[test]
 fn slow_reader_download_is_bounded() {
+    let _serial = one_at_a_time();
     const STREAM_BUFFER: u64 = 256 * KIB; // max-stream-buffer default
     const CHUNK: u64 = 16 * KIB; // bufsize default
     const RATE: u64 = 1_000_000;
@@ -608,6 +610,7 @@ fn stalled_upload(
 
 #[test]
 fn wait_for_body_stalled_client_gets_408() {
+    let _serial = one_at_a_time();
     let mut env = Env::start_with("mem-wfb-408", |c| {
         c.frontend_extra
             .push("http-request wait-for-body time 1s at-least 1m".into());
@@ -646,6 +649,7 @@ fn wait_for_body_stalled_client_gets_408() {
 /// the deadline, so it gets 408 (it once was forwarded, found by this test).
 #[test]
 fn wait_for_body_stall_after_late_first_bytes() {
+    let _serial = one_at_a_time();
     let mut env = Env::start_with("mem-wfb-late", |c| {
         c.frontend_extra
             .push("http-request wait-for-body time 1s at-least 1m".into());
@@ -668,4 +672,11 @@ fn wait_for_body_stall_after_late_first_bytes() {
         eprintln!("  {l}");
     }
     assert!(matches!(r, Ok((408, _))), "{r:?}");
+}
+
+/// The RSS bounds assume nothing else in this binary loads the machine at the same time: every
+/// test holds this, so `cargo test` runs them one at a time whatever `--test-threads` says.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -454,6 +454,8 @@ struct Proc {
     name: String,
     child: Child,
     log: PathBuf,
+    /// The test stopped it (or expects it to exit): its exit is not a crash at teardown.
+    stopped: bool,
 }
 
 /// Settings of the generated h3gate configuration.
@@ -603,6 +605,7 @@ impl Env {
             name: name.clone(),
             child,
             log: log.clone(),
+            stopped: false,
         });
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
@@ -652,6 +655,7 @@ impl Env {
                 name: "h3gate".into(),
                 child,
                 log: log.clone(),
+                stopped: false,
             });
             let idx = self.procs.len() - 1;
             let deadline = Instant::now() + READY_TIMEOUT;
@@ -663,6 +667,7 @@ impl Env {
                     return;
                 }
                 if let Ok(Some(st)) = self.procs[idx].child.try_wait() {
+                    self.procs[idx].stopped = true;
                     if text.contains("in use") && attempt < 4 {
                         // Someone took the port in the meantime: try another.
                         break;
@@ -698,14 +703,20 @@ impl Env {
         matches!(self.proxy_proc().child.try_wait(), Ok(None))
     }
 
-    /// Sends `sig` to h3gate.
+    /// Sends `sig` to h3gate. Any signal but SIGHUP, SIGUSR1 and SIGUSR2 may end it, so its
+    /// exit is then the test's business, not a crash found at teardown.
     pub fn signal_proxy(&mut self, sig: nix::sys::signal::Signal) {
+        use nix::sys::signal::Signal::{SIGHUP, SIGUSR1, SIGUSR2};
+        if !matches!(sig, SIGHUP | SIGUSR1 | SIGUSR2) {
+            self.proxy_proc().stopped = true;
+        }
         let pid = nix::unistd::Pid::from_raw(self.proxy_pid());
         nix::sys::signal::kill(pid, sig).expect("kill(h3gate)");
     }
 
-    /// Waits up to `timeout` for h3gate to exit.
+    /// Waits up to `timeout` for h3gate to exit (the test expects it to).
     pub fn wait_proxy_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proxy_proc().stopped = true;
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = self.proxy_proc().child.try_wait() {
@@ -852,6 +863,23 @@ pub fn sanitize_stop(child: &mut Child, what: &str) {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        // A crash after the last response would otherwise go unseen: every h3gate the test did
+        // not stop must still be running now.
+        let mut died = None;
+        if !std::thread::panicking() {
+            for p in self
+                .procs
+                .iter_mut()
+                .filter(|p| p.name == "h3gate" && !p.stopped)
+            {
+                if let Ok(Some(st)) = p.child.try_wait() {
+                    died = Some(format!(
+                        "h3gate exited ({st}) during the test, which did not stop it; log:\n{}",
+                        tail(&p.log, LOG_TAIL_LINES)
+                    ));
+                }
+            }
+        }
         for p in self.procs.iter_mut().filter(|p| p.name == "h3gate") {
             sanitize_stop(&mut p.child, &self.name);
         }
@@ -883,6 +911,9 @@ impl Drop for Env {
             eprintln!("[{}] kept {}", self.name, self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
+        }
+        if let Some(msg) = died {
+            panic!("[{}] {msg}", self.name);
         }
     }
 }
