@@ -106,12 +106,13 @@ impl Client {
         server: SocketAddr,
         now: Instant,
         rng: &mut Rng,
+        idle_ms: u64,
     ) -> Result<Client, String> {
         let mut cfg = quiche::Config::new(quiche::PROTOCOL_VERSION).map_err(|e| e.to_string())?;
         cfg.verify_peer(false);
         cfg.set_application_protos(quiche::h3::APPLICATION_PROTOCOL)
             .map_err(|e| e.to_string())?;
-        cfg.set_max_idle_timeout(2_000);
+        cfg.set_max_idle_timeout(idle_ms);
         cfg.set_max_recv_udp_payload_size(65527);
         cfg.set_initial_max_data(64 << 20);
         let window = if plan.slow_reader.is_some() {
@@ -265,9 +266,14 @@ impl Client {
                     (None, None) if self.q.is_timed_out() => "idle timeout".to_string(),
                     (None, None) => "stateless reset".to_string(),
                 };
+                let st = self.q.stats();
                 led.log(
                     now,
-                    format!("client {}: connection closed: {why}", self.idx),
+                    format!(
+                        "client {}: connection closed: {why} (quiche: {} packets received, {} \
+                         sent, {} lost)",
+                        self.idx, st.recv, st.sent, st.lost
+                    ),
                 );
                 self.closed_why = Some(why);
             }

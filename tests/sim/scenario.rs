@@ -191,6 +191,8 @@ pub struct Scenario {
     pub gso_segments: usize,
     /// `timeout server` (also `timeout connect`'s partner for black-holed servers).
     pub timeout_server_ms: u64,
+    /// `timeout client` (the QUIC idle timeout; the simulated clients allow twice as long).
+    pub timeout_client_ms: u64,
 }
 
 impl Scenario {
@@ -272,6 +274,7 @@ impl Scenario {
             retry,
             gso_segments,
             timeout_server_ms: 250,
+            timeout_client_ms: 1000,
         };
         let lossy = scn.net.loss_pm > 0 || scn.net.jitter_ms > 0 || scn.net.dup_pm > 0;
         if lossy && !knobs.rebinding_on_lossy_links {
@@ -289,11 +292,12 @@ impl Scenario {
     /// One line per feature, for failure reports.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "servers {:?} maxconn {:?} {} | timeout server {}ms | quic-retry {} gso {} | net latency {}ms jitter {}ms loss {}‰ dup {}‰ corrupt {}‰ | origin idle-close {}% | shutdown {:?}\n",
+            "servers {:?} maxconn {:?} {} | timeout server {}ms client {}ms | quic-retry {} gso {} | net latency {}ms jitter {}ms loss {}‰ dup {}‰ corrupt {}‰ | origin idle-close {}% | shutdown {:?}\n",
             self.servers,
             self.maxconn,
             if self.leastconn { "leastconn" } else { "roundrobin" },
             self.timeout_server_ms,
+            self.timeout_client_ms,
             self.retry,
             self.gso_segments,
             self.net.latency_ms,
@@ -479,6 +483,7 @@ impl Scenario {
             retry: "off",
             gso_segments: 1,
             timeout_server_ms: 250,
+            timeout_client_ms: 1000,
         }
     }
 }

@@ -57,12 +57,13 @@ fn config_text(scn: &Scenario, listen: SocketAddr, servers: &[SocketAddr]) -> St
     let dir = env!("CARGO_MANIFEST_DIR");
     let mut s = format!(
         "global\n    workers 1\ndefaults\n    timeout connect 250ms\n    timeout server {}ms\n    \
-         timeout client 1s\n    timeout drain 1s\n    timeout handshake 1s\n\
+         timeout client {}ms\n    timeout drain 1s\n    timeout handshake 1s\n\
          frontend web\n    bind {listen}\n    cert {dir}/tests/data/cert.pem\n    key {dir}/tests/data/key.pem\n    \
          default_backend app\n    max-connections 16\n    max-concurrent-streams 8\n    \
          quic-retry {}\n    retry-threshold 1\n\
          backend app\n    balance {}\n",
         scn.timeout_server_ms,
+        scn.timeout_client_ms,
         scn.retry,
         if scn.leastconn { "leastconn" } else { "roundrobin" }
     );
@@ -207,6 +208,7 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
                     listen,
                     now,
                     &mut crng,
+                    2 * scn.timeout_client_ms,
                 )?);
                 led.log(now, format!("client {i}: starts"));
             }
