@@ -7,7 +7,99 @@
 mod common;
 
 use common::*;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// A UDP relay in front of h3gate that delays every client datagram sent after the server's
+/// first answer by `HOLD`, so the client's Finished reaches h3gate `HOLD` after its 0-RTT
+/// request (sent with its ClientHello, before any answer) whatever the machine's load: the
+/// window in which a request is in early data is then certain, not a race.
+struct HoldFinished {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+const HOLD: Duration = Duration::from_millis(300);
+
+impl HoldFinished {
+    fn start(upstream: u16) -> HoldFinished {
+        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("relay bind"));
+        let up = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("relay bind"));
+        up.connect(("127.0.0.1", upstream)).expect("relay connect");
+        for s in [&front, &up] {
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+        }
+        let port = front.local_addr().expect("addr").port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicBool::new(false));
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
+        let mut threads = Vec::new();
+        {
+            let (front, up, stop, answered, client) = (
+                front.clone(),
+                up.clone(),
+                stop.clone(),
+                answered.clone(),
+                client.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = front.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+                    if answered.load(Ordering::Relaxed) {
+                        let (up, data) = (up.clone(), buf[..n].to_vec());
+                        std::thread::spawn(move || {
+                            std::thread::sleep(HOLD);
+                            let _ = up.send(&data);
+                        });
+                    } else {
+                        let _ = up.send(&buf[..n]);
+                    }
+                }
+            }));
+        }
+        {
+            let (front, stop) = (front.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = up.recv(&mut buf) else { continue };
+                    answered.store(true, Ordering::Relaxed);
+                    let to = *client.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(to) = to {
+                        let _ = front.send_to(&buf[..n], to);
+                    }
+                }
+            }));
+        }
+        HoldFinished {
+            port,
+            stop,
+            threads,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+}
+
+impl Drop for HoldFinished {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Runs h3get with `--session FILE --early-data` and the extra arguments.
 fn early(env: &Env, session: &Path, args: &[&str]) -> Out {
@@ -41,6 +133,13 @@ fn last_connection_log(env: &mut Env) -> String {
     log[at..].to_string()
 }
 
+/// Whether the first line containing `what` comes before the connection's "established" line
+/// (or there is none yet: the client's Finished is still held by the relay).
+fn before_handshake(log: &str, what: &str) -> bool {
+    let at = line_at(log, what);
+    log.find("established").is_none_or(|e| at < e)
+}
+
 /// Position of the first line containing `what`.
 fn line_at(log: &str, what: &str) -> usize {
     log.find(what)
@@ -56,10 +155,11 @@ fn a_get_in_0rtt_is_forwarded_before_the_handshake_with_early_data_1() {
     let mut env = zero_rtt_env("0rtt-get");
     let session = env.dir.join("session");
     first_visit(&env, &session);
+    let relay = HoldFinished::start(env.port);
     let out = early(
         &env,
         &session,
-        &["--expect-status", "200", &env.url("/headers")],
+        &["--expect-status", "200", &relay.url("/headers")],
     );
     out.assert_success();
     assert!(out.stderr.contains("session: resumed"), "{out}");
@@ -75,7 +175,7 @@ fn a_get_in_0rtt_is_forwarded_before_the_handshake_with_early_data_1() {
     // Forwarded to the origin before the client's Finished arrived.
     let log = last_connection_log(&mut env);
     assert!(
-        line_at(&log, "stream 0: to server") < line_at(&log, "established"),
+        before_handshake(&log, "stream 0: to server"),
         "the GET waited for the handshake:\n{log}"
     );
     // An origin's 425 Too Early reaches the client as it is.
@@ -93,6 +193,7 @@ fn a_post_in_0rtt_waits_for_the_handshake_and_goes_without_the_header() {
     let mut env = zero_rtt_env("0rtt-post");
     let session = env.dir.join("session");
     first_visit(&env, &session);
+    let relay = HoldFinished::start(env.port);
     let out = early(
         &env,
         &session,
@@ -103,7 +204,7 @@ fn a_post_in_0rtt_waits_for_the_handshake_and_goes_without_the_header() {
             "300",
             "--expect-status",
             "200",
-            &env.url("/headers"),
+            &relay.url("/headers"),
         ],
     );
     out.assert_success();
@@ -182,6 +283,8 @@ fn aioquic_in_0rtt() {
     let out = env.aioquic(&["--ticket", &t, &url]);
     out.assert_success();
     assert!(out.stdout.contains("early=no"), "{out}");
+    let relay = HoldFinished::start(env.port);
+    let url = relay.url("/headers");
     let out = env.aioquic(&["--ticket", &t, "--early", &url]);
     out.assert_success();
     assert!(out.stdout.contains("resumed=yes"), "{out}");
@@ -195,7 +298,7 @@ fn aioquic_in_0rtt() {
     );
     let log = last_connection_log(&mut env);
     assert!(
-        line_at(&log, "stream 0: to server") < line_at(&log, "established"),
+        before_handshake(&log, "stream 0: to server"),
         "the GET waited for the handshake:\n{log}"
     );
     let out = env.aioquic(&[
