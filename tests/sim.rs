@@ -436,6 +436,13 @@ fn uploads_with_content_length_on_a_duplicating_network() {
 /// instead. After vendor/quiche-spurious-retransmit.patch (issue 13): 0 of 300, then 3 of 900
 /// (244, 397, 586; 244 again a client whose old port died on a 6 % loss link, failing about 1
 /// run in 6 and never with SIM_LOG=trace; 397 and 586 passed alone), so not the same bug.
+/// Then 5 of 1 800 (586, 674, 726, 859, 1582), none failing alone. 674 could not be won (a
+/// quiet client whose NAT moved with the old port dead and whose one datagram from the new port
+/// was lost: the judge now accepts that idle timeout), others looked like connections the network
+/// killed inside the 1 s idle timeout (lossy generated scenarios now get 4 s). After both: 3 of
+/// 1 800 (150, 785, 1582). Seed 150: the server did hear the client's new port once (a small
+/// ACK, so about 150 bytes of anti-amplification credit for path validation), the client, quiet
+/// and waiting for its download, never received anything again. Not diagnosed further.
 #[test]
 #[ignore = "about 1 seed in 900 still fails (NAT rebinding on lossy links); too flaky for CI"]
 fn simulated_seeds_all_features() {

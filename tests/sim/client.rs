@@ -73,7 +73,7 @@ pub struct ReqState {
 
 pub struct Client {
     pub idx: usize,
-    plan: ClientPlan,
+    pub plan: ClientPlan,
     q: quiche::Connection,
     h3: Option<quiche::h3::Connection>,
     qaddr: SocketAddr,

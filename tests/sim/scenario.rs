@@ -277,6 +277,12 @@ impl Scenario {
             timeout_client_ms: 1000,
         };
         let lossy = scn.net.loss_pm > 0 || scn.net.jitter_ms > 0 || scn.net.dup_pm > 0;
+        // A lossy link with quiet clients: 1 s of idle time can run out during the server's PTO
+        // backoff while the network drops every answer (a death that is the network's doing,
+        // see sim::ten_downloads_on_a_lossy_link_never_stall); 4 s leave room for more probes.
+        if scn.net.loss_pm > 0 {
+            scn.timeout_client_ms = 4000;
+        }
         if lossy && !knobs.rebinding_on_lossy_links {
             for c in &mut scn.clients {
                 c.rebind_after = None;

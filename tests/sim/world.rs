@@ -16,6 +16,7 @@
 //! keep runs short, every timeout is small (`timeout server` 250 ms…), delays of slow origins stay
 //! an order of magnitude below them, and quiche's initial RTT is 20 ms on both sides.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -173,6 +174,8 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
             .collect(),
     );
     let mut net = Net::new(scn.seed, scn.net.clone(), scn.clients.len());
+    // Datagrams that reached the core, by source address (a client's NAT addresses).
+    let mut heard_from: HashMap<SocketAddr, u64> = HashMap::new();
     let mut clients: Vec<Option<Client>> = scn.clients.iter().map(|_| None).collect();
     let mut crng = Rng::new(scn.seed).fork(5);
     let mut buf = vec![0u8; 65536];
@@ -224,6 +227,7 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
                             format!("net: {} → core, {} bytes", p.from, p.data.len()),
                         );
                     }
+                    *heard_from.entry(p.from).or_default() += 1;
                     let mut data = p.data;
                     core.on_datagram(now, 0, p.from, p.to, &mut data);
                 }
@@ -347,15 +351,18 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
                     if !r.judged {
                         r.judged = true;
                         let shutdown = shutdown_at.is_some_and(|s| s <= *at);
-                        if let Err(e) = judge(
-                            scn,
-                            plan,
-                            o,
+                        // Its NAT moved, the old port died and not one datagram from the new
+                        // port reached the server: nothing can tell the server where it went.
+                        let unreachable = c.plan.rebind_drops_old
+                            && c.nat_history.len() > 1
+                            && !heard_from.contains_key(&c.nat);
+                        let end = End {
                             shutdown,
-                            c.aborted,
-                            c.closed_why.as_deref(),
-                            led,
-                        ) {
+                            aborted: c.aborted,
+                            unreachable,
+                            closed_why: c.closed_why.as_deref(),
+                        };
+                        if let Err(e) = judge(scn, plan, o, &end, led) {
                             let why = match (o, &c.closed_why) {
                                 (Outcome::ConnClosed, Some(w)) => format!(" ({w})"),
                                 _ => String::new(),
@@ -527,16 +534,32 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
     Ok(s)
 }
 
+/// What the world knows about how a request ended, beyond its outcome.
+struct End<'a> {
+    /// The core was shut down before it ended.
+    shutdown: bool,
+    /// Its client aborted.
+    aborted: bool,
+    /// Its client's NAT moved with the old port dead and the server never heard the new one.
+    unreachable: bool,
+    /// Why its client's connection closed, if it did.
+    closed_why: Option<&'a str>,
+}
+
 /// Is `o` an acceptable end for the request `plan`?
 fn judge(
     scn: &Scenario,
     plan: &ReqPlan,
     o: &Outcome,
-    shutdown: bool,
-    aborted: bool,
-    closed_why: Option<&str>,
+    end: &End,
     led: &Ledger,
 ) -> Result<(), String> {
+    let End {
+        shutdown,
+        aborted,
+        unreachable,
+        closed_why,
+    } = *end;
     let id = (plan.client, plan.id);
     let servers = &scn.servers;
     // Statuses the core may answer with instead of the origin's response.
@@ -620,6 +643,11 @@ fn judge(
         {
             Ok(())
         }
+        // A quiet client whose NAT rebound while it had nothing to send, the old mapping gone
+        // and its one datagram from the new port lost: the server's packets go to the dead
+        // port and the client never speaks again, so the idle timeout is the only end. (No
+        // implementation can do better; a stall with the server still reachable is not this.)
+        Outcome::ConnClosed if unreachable && closed_why == Some("idle timeout") => Ok(()),
         Outcome::ConnClosed => Err("connection closed under a live request".into()),
         Outcome::NotSent if shutdown => Ok(()),
         Outcome::NotSent => Err("GOAWAY without a shutdown".into()),
