@@ -203,6 +203,16 @@ fn kill_child(child: &mut Child) {
 }
 
 /// Whether a program can be run (found on PATH).
+/// A test that cannot run here: prints `SKIPPED test: reason` (so a skip is never silent), and
+/// fails instead under CI (`CI` set, as `.ci/run` does), where everything a test needs is
+/// provided and a skip would hide that it was not.
+pub fn skip(test: &str, reason: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{test} would be skipped under CI: {reason}");
+    }
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
 /// aioquic (PyPI) importable by `python3`: the independent client of `tests/data/aioquic_get.py`.
 /// When it is not, a test prints `SKIPPED` and returns.
 pub fn have_aioquic(test: &str) -> bool {
