@@ -330,6 +330,9 @@ fn sigterm_with_a_thousand_streams_in_flight() {
         c.timeout_drain = "10s".into();
         c.frontend_extra.push("max-concurrent-streams 200".into());
     });
+    // Each connection: 100 requests at once, then (--then) one more once they are done, which
+    // is after the GOAWAY: it must be refused or not sent, never lost.
+    let then = env.url("/");
     let load = env.spawn_h3get(
         40,
         &[
@@ -339,6 +342,8 @@ fn sigterm_with_a_thousand_streams_in_flight() {
             "100",
             "--sha256",
             "--quiet",
+            "--then",
+            &then,
             &env.url("/slow/1500"),
         ],
     );
@@ -355,9 +360,39 @@ fn sigterm_with_a_thousand_streams_in_flight() {
         .iter()
         .filter(|l| **l == sha_line(200, b"slow\n"))
         .count();
+    // A --then request that still made it before the GOAWAY (a very slow machine) is answered.
+    let late_ok = out
+        .sha_lines()
+        .iter()
+        .filter(|l| **l == sha_line(200, b"hello from origin\n"))
+        .count();
     // Requests the proxy had received finish; ones the client sent after GOAWAY are refused
-    // (H3_REQUEST_REJECTED), never cut.
+    // (H3_REQUEST_REJECTED) or not sent at all, never cut: every one of the 1 000 is one of
+    // these three, and nothing else happened to any.
+    let rejected = out
+        .stderr
+        .matches("reset by peer: error code 0x10b (H3_REQUEST_REJECTED)")
+        .count();
+    let not_sent = out
+        .stderr
+        .matches("request not sent: server sent GOAWAY")
+        .count();
+    eprintln!("graceful stop: {ok} + {late_ok} completed, {rejected} refused, {not_sent} not sent");
     assert!(ok > 0, "{out}");
+    assert_eq!(
+        ok + late_ok + rejected + not_sent,
+        1010,
+        "{ok} + {late_ok} completed + {rejected} refused + {not_sent} not sent: {out}"
+    );
+    assert!(
+        not_sent + rejected > 0,
+        "the GOAWAY path was not exercised: {out}"
+    );
+    assert_eq!(
+        out.sha_lines().len(),
+        ok + late_ok,
+        "a response other than the origin's 200: {out}"
+    );
     assert!(!out.stderr.contains("0x102"), "a request was cut: {out}");
     let status = env.wait_proxy_exit(Duration::from_secs(15));
     assert!(status.is_some_and(|s| s.success()), "proxy did not exit 0");
