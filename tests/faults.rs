@@ -399,3 +399,41 @@ fn sigterm_with_a_thousand_streams_in_flight() {
     let log = env.proxy_log();
     assert!(log.contains("stopped (live conns 0, streams 0"), "{log}");
 }
+
+/// Graceful stop's deadline: requests that outlast `timeout drain` are closed with their
+/// connection when it expires (h3gate says how many), the client learns it at once instead of
+/// waiting for its own timeout, and h3gate then exits 0.
+#[test]
+fn the_drain_deadline_closes_what_is_left() {
+    let mut env = Env::start_with("drain-deadline", |c| c.timeout_drain = "1s".into());
+    let load = env.spawn_h3get(30, &["-n", "10", "--sha256", &env.url("/slow/8000")]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while env.proxy_log().matches("/slow/8000").count() < 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    env.signal_proxy(Signal::SIGTERM);
+    let status = env.wait_proxy_exit(Duration::from_secs(15));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "h3gate did not exit 0 after its drain deadline: {status:?}\n{}",
+        env.proxy_log()
+    );
+    let log = env.proxy_log();
+    assert!(
+        log.contains("drain timeout, closing 1 connections with 10 streams in flight"),
+        "{log}"
+    );
+    let out = load.wait(Duration::from_secs(20));
+    assert!(
+        out.sha_lines().is_empty(),
+        "a request outlived the drain: {out}"
+    );
+    assert!(
+        out.stderr.contains("10 request(s) unfinished"),
+        "the client was not told: {out}"
+    );
+    assert!(
+        !out.stderr.contains("timeout:"),
+        "the client waited for its own timeout: {out}"
+    );
+}
