@@ -806,8 +806,6 @@ impl Env {
             .wait(Duration::from_secs(t_secs + 5))
     }
 
-    /// Runs h3get with a 10 s deadline.
-    #[track_caller]
     /// One request with aioquic (`tests/data/aioquic_get.py`, see there for `args`).
     pub fn aioquic(&self, args: &[&str]) -> Out {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/aioquic_get.py");
@@ -818,6 +816,8 @@ impl Env {
         )
     }
 
+    /// Runs h3get with a 10 s deadline.
+    #[track_caller]
     pub fn h3get(&self, args: &[&str]) -> Out {
         self.h3get_t(10, args)
     }
