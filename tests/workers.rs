@@ -379,11 +379,38 @@ fn gso_on_and_off_give_identical_bytes() {
         );
         out.assert_success();
         shas.push(out.sha_lines().join("\n"));
-        let batches = worker_stat(&mut env, "gso_batches");
-        if gso == "off" {
-            assert_eq!(batches.iter().sum::<u64>(), 0, "GSO used while off");
-        }
+        let batches: u64 = worker_stat(&mut env, "gso_batches").iter().sum();
         let log = env.proxy_log();
+        let datagrams: u64 = worker_stat_from_log(&log, "datagrams_out").iter().sum();
+        let ring = |field: &str| -> u64 {
+            log.lines()
+                .filter(|l| l.contains(" ring: RingStats {"))
+                .map(|l| {
+                    l.split(&format!("{field}: "))
+                        .nth(1)
+                        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .unwrap_or_else(|| panic!("no {field} in {l}"))
+                })
+                .sum()
+        };
+        let (gro_batches, gro_segments) = (ring("gro_batches"), ring("gro_segments"));
+        eprintln!(
+            "gso {gso}: {datagrams} datagrams out in {batches} GSO batches; {gro_segments} \
+             received in {gro_batches} GRO batches"
+        );
+        assert!(gro_segments > 0, "no datagram received?");
+        if gso == "off" {
+            assert_eq!(batches, 0, "GSO used while off");
+            assert_eq!(gro_batches, 0, "GRO coalesced while off");
+        } else {
+            // A 10 MiB download goes out in segmented sends of several datagrams each.
+            assert!(batches > 0, "GSO on but no GSO batch");
+            assert!(
+                datagrams > 2 * batches,
+                "GSO on but under 2 datagrams per batch: {datagrams} in {batches}"
+            );
+        }
         assert!(log.contains(&format!("GSO {gso}")) || gso == "on", "{log}");
     }
     assert_eq!(shas[0], pattern_line(n));
