@@ -140,6 +140,35 @@ fn before_handshake(log: &str, what: &str) -> bool {
     log.find("established").is_none_or(|e| at < e)
 }
 
+/// The request of `out` (a `/headers` echo) reached the origin with `Early-Data: 1`, before
+/// h3gate completed the handshake of the last connection.
+fn assert_forwarded_in_early_data(env: &mut Env, out: &Out) {
+    assert!(
+        out.stdout.contains("\r\nearly-data: 1\r\n"),
+        "the origin did not see Early-Data: 1:\n{out}"
+    );
+    let log = last_connection_log(env);
+    assert!(
+        before_handshake(&log, "stream 0: to server"),
+        "the request waited for the handshake:\n{log}"
+    );
+}
+
+/// The request of `out` (a `/headers` echo) reached the origin without `Early-Data`, only after
+/// h3gate completed the handshake of the last connection; returns that connection's log.
+fn assert_held_for_the_handshake(env: &mut Env, out: &Out) -> String {
+    assert!(
+        !out.stdout.to_ascii_lowercase().contains("early-data"),
+        "a request held for the handshake was marked as early data:\n{out}"
+    );
+    let log = last_connection_log(env);
+    assert!(
+        line_at(&log, "established") < line_at(&log, "stream 0: to server"),
+        "the request did not wait for the handshake:\n{log}"
+    );
+    log
+}
+
 /// Position of the first line containing `what`.
 fn line_at(log: &str, what: &str) -> usize {
     log.find(what)
@@ -168,16 +197,8 @@ fn a_get_in_0rtt_is_forwarded_before_the_handshake_with_early_data_1() {
         "early data: accepted, 1 request(s) sent in it",
         "{out}"
     );
-    assert!(
-        out.stdout.contains("\r\nearly-data: 1\r\n"),
-        "the origin did not see Early-Data: 1:\n{out}"
-    );
     // Forwarded to the origin before the client's Finished arrived.
-    let log = last_connection_log(&mut env);
-    assert!(
-        before_handshake(&log, "stream 0: to server"),
-        "the GET waited for the handshake:\n{log}"
-    );
+    assert_forwarded_in_early_data(&mut env, &out);
     // An origin's 425 Too Early reaches the client as it is.
     let out = early(&env, &session, &[&env.url("/status/425")]);
     assert!(out.stderr.contains("HTTP/3 425"), "{out}");
@@ -214,17 +235,11 @@ fn a_post_in_0rtt_waits_for_the_handshake_and_goes_without_the_header() {
         "{out}"
     );
     assert!(out.stdout.starts_with("POST /headers "), "{out}");
+    let log = assert_held_for_the_handshake(&mut env, &out);
     assert!(
-        !out.stdout.to_ascii_lowercase().contains("early-data"),
-        "a POST held for the handshake was marked as early data:\n{out}"
-    );
-    let log = last_connection_log(&mut env);
-    let held = line_at(&log, "unsafe method in 0-RTT, waiting for the handshake");
-    let established = line_at(&log, "established");
-    let forwarded = line_at(&log, "stream 0: to server");
-    assert!(
-        held < established && established < forwarded,
-        "the POST did not wait for the handshake:\n{log}"
+        line_at(&log, "unsafe method in 0-RTT, waiting for the handshake")
+            < line_at(&log, "established"),
+        "the POST was not held while in early data:\n{log}"
     );
     // Its body, sent in 0-RTT too, arrives whole.
     let out = early(
@@ -257,15 +272,7 @@ fn without_allow_0rtt_no_ticket_offers_early_data() {
         early_data_line(&out).starts_with("early data: not accepted"),
         "{out}"
     );
-    assert!(
-        !out.stdout.to_ascii_lowercase().contains("early-data"),
-        "{out}"
-    );
-    let log = last_connection_log(&mut env);
-    assert!(
-        line_at(&log, "established") < line_at(&log, "stream 0: to server"),
-        "{log}"
-    );
+    assert_held_for_the_handshake(&mut env, &out);
     assert!(env.proxy_alive(), "h3gate died:\n{}", env.proxy_log());
 }
 
@@ -292,15 +299,7 @@ fn aioquic_in_0rtt() {
         out.stdout.contains("early=yes"),
         "early data refused:\n{out}"
     );
-    assert!(
-        out.stdout.contains("\r\nearly-data: 1\r\n"),
-        "the origin did not see Early-Data: 1:\n{out}"
-    );
-    let log = last_connection_log(&mut env);
-    assert!(
-        before_handshake(&log, "stream 0: to server"),
-        "the GET waited for the handshake:\n{log}"
-    );
+    assert_forwarded_in_early_data(&mut env, &out);
     let out = env.aioquic(&[
         "--ticket",
         &t,
@@ -314,13 +313,5 @@ fn aioquic_in_0rtt() {
     out.assert_success();
     assert!(out.stdout.contains("early=yes"), "{out}");
     assert!(out.stdout.contains("POST /headers "), "{out}");
-    assert!(
-        !out.stdout.to_ascii_lowercase().contains("early-data"),
-        "{out}"
-    );
-    let log = last_connection_log(&mut env);
-    assert!(
-        line_at(&log, "established") < line_at(&log, "stream 0: to server"),
-        "the POST did not wait for the handshake:\n{log}"
-    );
+    assert_held_for_the_handshake(&mut env, &out);
 }

@@ -56,7 +56,12 @@ struct Pipe {
 }
 
 fn config(server: bool) -> quiche::Config {
-    let mut c = quiche::Config::new(quiche::PROTOCOL_VERSION).expect("config");
+    config_v(server, quiche::PROTOCOL_VERSION)
+}
+
+/// The same, for QUIC `version`.
+fn config_v(server: bool, version: u32) -> quiche::Config {
+    let mut c = quiche::Config::new(version).expect("config");
     if server {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data");
         c.load_cert_chain_from_pem_file(&format!("{dir}/cert.pem"))
@@ -77,7 +82,8 @@ fn config(server: bool) -> quiche::Config {
 }
 
 impl Pipe {
-    fn new() -> Pipe {
+    /// A client and a server made from these configurations, nothing exchanged yet.
+    fn start(client_cfg: &mut quiche::Config, server_cfg: &mut quiche::Config) -> Pipe {
         let client_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
         let server_addr: SocketAddr = "10.0.0.2:443".parse().expect("addr");
         let client = quiche::connect(
@@ -85,7 +91,7 @@ impl Pipe {
             &quiche::ConnectionId::from_ref(&[1; 16]),
             client_addr,
             server_addr,
-            &mut config(false),
+            client_cfg,
         )
         .expect("connect");
         let server = quiche::accept(
@@ -93,15 +99,20 @@ impl Pipe {
             None,
             server_addr,
             client_addr,
-            &mut config(true),
+            server_cfg,
         )
         .expect("accept");
-        let mut p = Pipe {
+        Pipe {
             client,
             server,
             client_addr,
             server_addr,
-        };
+        }
+    }
+
+    /// An established pair with the default configurations.
+    fn new() -> Pipe {
+        let mut p = Pipe::start(&mut config(false), &mut config(true));
         for _ in 0..20 {
             p.advance();
             if p.client.is_established() && p.server.is_established() {
@@ -440,29 +451,17 @@ fn data_acked_after_a_probe_queued_it_again_does_not_block_other_streams() {
 #[test]
 fn a_connection_survives_any_number_of_nat_rebindings() {
     const LIMIT: u64 = 16;
-    let client_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
-    let server_addr: SocketAddr = "10.0.0.2:443".parse().expect("addr");
     let mut server_cfg = config(true);
     server_cfg.set_active_connection_id_limit(LIMIT);
     server_cfg.set_initial_max_streams_bidi(1000);
     let mut client_cfg = config(false);
     client_cfg.set_initial_max_streams_bidi(1000);
-    let mut client = quiche::connect(
-        Some("localhost"),
-        &quiche::ConnectionId::from_ref(&[1; 16]),
+    let Pipe {
+        mut client,
+        mut server,
         client_addr,
         server_addr,
-        &mut client_cfg,
-    )
-    .expect("connect");
-    let mut server = quiche::accept(
-        &quiche::ConnectionId::from_ref(&[2; 16]),
-        None,
-        server_addr,
-        client_addr,
-        &mut server_cfg,
-    )
-    .expect("accept");
+    } = Pipe::start(&mut client_cfg, &mut server_cfg);
     // What the server sees as the client's address: the client itself never learns it changed.
     let mut seen = client_addr;
     let mut buf = [0u8; 1500];
@@ -529,45 +528,13 @@ fn a_connection_survives_any_number_of_nat_rebindings() {
 /// does not resume in v1 (RFC 9369 §5).
 #[test]
 fn a_client_speaks_quic_v2_end_to_end() {
-    let client_addr: SocketAddr = "10.0.0.1:4000".parse().expect("addr");
-    let server_addr: SocketAddr = "10.0.0.2:443".parse().expect("addr");
     // One server configuration: its TLS context holds the ticket keys.
     let mut server_cfg = config(true);
     let mut pair = |version: u32, session: Option<&[u8]>| {
-        let mut client_cfg = config(false);
-        let mut v_cfg = quiche::Config::new(version).expect("config");
-        std::mem::swap(&mut client_cfg, &mut v_cfg);
-        client_cfg.verify_peer(false);
-        client_cfg.set_application_protos(&[b"h3"]).expect("alpn");
-        client_cfg.set_initial_max_data(1_000_000);
-        client_cfg.set_initial_max_stream_data_bidi_local(1_000_000);
-        client_cfg.set_initial_max_stream_data_bidi_remote(1_000_000);
-        client_cfg.set_initial_max_streams_bidi(10);
-        let mut client = quiche::connect(
-            Some("localhost"),
-            &quiche::ConnectionId::from_ref(&[1; 16]),
-            client_addr,
-            server_addr,
-            &mut client_cfg,
-        )
-        .expect("connect");
+        let mut p = Pipe::start(&mut config_v(false, version), &mut server_cfg);
         if let Some(s) = session {
-            client.set_session(s).expect("session");
+            p.client.set_session(s).expect("session");
         }
-        let server = quiche::accept(
-            &quiche::ConnectionId::from_ref(&[2; 16]),
-            None,
-            server_addr,
-            client_addr,
-            &mut server_cfg,
-        )
-        .expect("accept");
-        let mut p = Pipe {
-            client,
-            server,
-            client_addr,
-            server_addr,
-        };
         // The client's first datagram: a long header with version 2 and v2's Initial bits (01).
         let mut buf = [0u8; 1500];
         let (len, _) = p.client.send(&mut buf).expect("first flight");
@@ -575,8 +542,8 @@ fn a_client_speaks_quic_v2_end_to_end() {
         let bits = (buf[0] & 0x30) >> 4;
         assert_eq!(bits, if version == 1 { 0 } else { 1 }, "Initial type bits");
         let info = quiche::RecvInfo {
-            from: client_addr,
-            to: server_addr,
+            from: p.client_addr,
+            to: p.server_addr,
         };
         p.server
             .recv(&mut buf[..len], info)

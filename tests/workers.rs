@@ -12,26 +12,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// The value of `field` in each worker's shutdown stats line of `log`.
-fn worker_stat_from_log(log: &str, field: &str) -> Vec<u64> {
-    let key = format!("{field}: ");
-    let mut values = Vec::new();
-    for line in log.lines().filter(|l| l.contains(" stats: Stats {")) {
-        let v = line
-            .split(&key)
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no {field} in stats line: {line}"));
-        values.push(v);
-    }
-    assert!(
-        !values.is_empty(),
-        "no worker stats lines in the log:\n{log}"
-    );
-    values
-}
-
 /// Stops the proxy (once; later calls just read the log) and returns `field` per worker.
 fn worker_stat(env: &mut Env, field: &str) -> Vec<u64> {
     if env.proxy_alive() {
@@ -382,18 +362,7 @@ fn gso_on_and_off_give_identical_bytes() {
         let batches: u64 = worker_stat(&mut env, "gso_batches").iter().sum();
         let log = env.proxy_log();
         let datagrams: u64 = worker_stat_from_log(&log, "datagrams_out").iter().sum();
-        let ring = |field: &str| -> u64 {
-            log.lines()
-                .filter(|l| l.contains(" ring: RingStats {"))
-                .map(|l| {
-                    l.split(&format!("{field}: "))
-                        .nth(1)
-                        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                        .and_then(|n| n.parse::<u64>().ok())
-                        .unwrap_or_else(|| panic!("no {field} in {l}"))
-                })
-                .sum()
-        };
+        let ring = |field: &str| -> u64 { ring_stat_from_log(&log, field).iter().sum() };
         let (gro_batches, gro_segments) = (ring("gro_batches"), ring("gro_segments"));
         eprintln!(
             "gso {gso}: {datagrams} datagrams out in {batches} GSO batches; {gro_segments} \

@@ -203,6 +203,35 @@ fn kill_child(child: &mut Child) {
 }
 
 /// Whether a program can be run (found on PATH).
+/// The value of `field` in each line of `log` that contains `marker`, one per worker: h3gate
+/// logs `worker N stats: Stats { .. }` and `worker N ring: RingStats { .. }` when it stops. A
+/// missing field fails, as does a log without such a line.
+pub fn shutdown_stat(log: &str, marker: &str, field: &str) -> Vec<u64> {
+    let key = format!("{field}: ");
+    let mut values = Vec::new();
+    for line in log.lines().filter(|l| l.contains(marker)) {
+        let v = line
+            .split(&key)
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in stats line: {line}"));
+        values.push(v);
+    }
+    assert!(!values.is_empty(), "no '{marker}' lines in the log:\n{log}");
+    values
+}
+
+/// `field` of each worker's `Stats` (core counters) at shutdown.
+pub fn worker_stat_from_log(log: &str, field: &str) -> Vec<u64> {
+    shutdown_stat(log, " stats: Stats {", field)
+}
+
+/// `field` of each worker's `RingStats` at shutdown.
+pub fn ring_stat_from_log(log: &str, field: &str) -> Vec<u64> {
+    shutdown_stat(log, " ring: RingStats {", field)
+}
+
 /// A test that cannot run here: prints `SKIPPED test: reason` (so a skip is never silent), and
 /// fails instead under CI (`CI` set, as `.ci/run` does), where everything a test needs is
 /// provided and a skip would hide that it was not.
