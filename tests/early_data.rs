@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A UDP relay in front of h3gate that delays every client datagram sent after the server's
-/// first answer by `HOLD`, so the client's Finished reaches h3gate `HOLD` after its 0-RTT
-/// request (sent with its ClientHello, before any answer) whatever the machine's load: the
-/// window in which a request is in early data is then certain, not a race.
+/// A UDP relay in front of h3gate that passes the client's Initial and 0-RTT packets at once
+/// and delays by `HOLD` every datagram carrying anything else (Handshake packets, so the
+/// client's Finished, and 1-RTT), so the Finished reaches h3gate `HOLD` after the 0-RTT
+/// request whatever the machine's load: the window in which a request is in early data is
+/// then certain, not a race of threads.
 struct HoldFinished {
     port: u16,
     stop: Arc<AtomicBool>,
@@ -36,17 +37,11 @@ impl HoldFinished {
         }
         let port = front.local_addr().expect("addr").port();
         let stop = Arc::new(AtomicBool::new(false));
-        let answered = Arc::new(AtomicBool::new(false));
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
         let mut threads = Vec::new();
         {
-            let (front, up, stop, answered, client) = (
-                front.clone(),
-                up.clone(),
-                stop.clone(),
-                answered.clone(),
-                client.clone(),
-            );
+            let (front, up, stop, client) =
+                (front.clone(), up.clone(), stop.clone(), client.clone());
             threads.push(std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
@@ -54,7 +49,7 @@ impl HoldFinished {
                         continue;
                     };
                     *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
-                    if answered.load(Ordering::Relaxed) {
+                    if !only_initial_or_0rtt(&buf[..n]) {
                         let (up, data) = (up.clone(), buf[..n].to_vec());
                         std::thread::spawn(move || {
                             std::thread::sleep(HOLD);
@@ -72,7 +67,6 @@ impl HoldFinished {
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(n) = up.recv(&mut buf) else { continue };
-                    answered.store(true, Ordering::Relaxed);
                     let to = *client.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(to) = to {
                         let _ = front.send_to(&buf[..n], to);
@@ -90,6 +84,52 @@ impl HoldFinished {
     fn url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.port)
     }
+}
+
+/// Whether every packet coalesced in a QUIC v1 datagram is an Initial or a 0-RTT packet (RFC
+/// 9000 §17.2); anything unparsable counts as "something else".
+fn only_initial_or_0rtt(mut d: &[u8]) -> bool {
+    fn varint(d: &mut &[u8]) -> Option<usize> {
+        let first = *d.first()?;
+        let len = 1usize << (first >> 6);
+        let bytes = d.get(..len)?;
+        let mut v = u64::from(first & 0x3f);
+        for b in &bytes[1..] {
+            v = (v << 8) | u64::from(*b);
+        }
+        *d = &d[len..];
+        usize::try_from(v).ok()
+    }
+    fn skip(d: &mut &[u8], n: usize) -> Option<()> {
+        *d = d.get(n..)?;
+        Some(())
+    }
+    fn one(d: &mut &[u8]) -> Option<bool> {
+        let first = *d.first()?;
+        if first & 0x80 == 0 {
+            return Some(false); // a short header: 1-RTT
+        }
+        let kind = (first >> 4) & 0x03; // v1: 0 Initial, 1 0-RTT, 2 Handshake, 3 Retry
+        skip(d, 5)?; // first byte and version
+        let dcid = usize::from(*d.first()?);
+        skip(d, 1 + dcid)?;
+        let scid = usize::from(*d.first()?);
+        skip(d, 1 + scid)?;
+        if kind == 0 {
+            let token = varint(d)?;
+            skip(d, token)?;
+        }
+        let len = varint(d)?;
+        skip(d, len)?;
+        Some(kind <= 1)
+    }
+    while !d.is_empty() {
+        match one(&mut d) {
+            Some(true) => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 impl Drop for HoldFinished {
