@@ -915,6 +915,8 @@ impl Core {
             *n += 1;
         }
         let l = &s.log;
+        // The time quiche sees: the machine's, or a simulation's virtual clock.
+        let took = quiche::clock::now().saturating_duration_since(s.started);
         log::info!(
             target: "access",
             "{} {} {} {} {} {} {} {}ms {}",
@@ -925,7 +927,7 @@ impl Core {
             l.status,
             l.bytes_in,
             l.bytes_out,
-            s.started.elapsed().as_millis(),
+            took.as_millis(),
             if l.server.is_empty() { "-" } else { &l.server }
         );
     }

@@ -585,3 +585,48 @@ fn a_client_speaks_quic_v2_end_to_end() {
     );
     assert!(!other.server.is_resumed(), "a v2 ticket resumed in v1");
 }
+
+/// quiche-thread-clock.patch's companion fix in `write_pkt_type`: a client whose handshake is
+/// not confirmed (HANDSHAKE_DONE and the ACK of its Finished lost) has a Handshake probe due
+/// when the application closes it. Without the fix every `send()` returned another ACK-only
+/// Handshake packet and never `Done` (found by the simulation, seed 781 of `simulated_seeds`);
+/// with it, the APPLICATION_CLOSE goes out in 1-RTT and the server sees it.
+#[test]
+fn an_application_close_with_a_handshake_probe_due_is_sent_and_ends() {
+    let t0 = std::time::Instant::now();
+    quiche::clock::set_thread_clock(Some(t0));
+    let mut p = Pipe::start(&mut config(false), &mut config(true));
+    let mut buf = [0u8; 1500];
+    // ClientHello to the server, the server's flight to the client.
+    Pipe::deliver(&mut p.client, &mut p.server, p.server_addr, p.client_addr);
+    Pipe::deliver(&mut p.server, &mut p.client, p.client_addr, p.server_addr);
+    assert!(p.client.is_established());
+    // The client's Finished reaches the server; nothing of the server's answer comes back.
+    Pipe::deliver(&mut p.client, &mut p.server, p.server_addr, p.client_addr);
+    assert!(p.server.is_established());
+    while p.server.send(&mut buf).is_ok() {}
+    // The client's probe timer fires (its Finished looks lost).
+    let pto = p.client.timeout().expect("a probe timer");
+    quiche::clock::set_thread_clock(Some(t0 + pto + std::time::Duration::from_millis(1)));
+    p.client.on_timeout();
+    p.client.close(true, 0x100, b"bye").expect("close");
+    let mut sent = 0;
+    loop {
+        match p.client.send(&mut buf) {
+            Ok((len, _)) => {
+                sent += 1;
+                assert!(sent < 10, "send() keeps returning packets while closing");
+                let info = quiche::RecvInfo {
+                    from: p.client_addr,
+                    to: p.server_addr,
+                };
+                let _ = p.server.recv(&mut buf[..len], info);
+            }
+            Err(quiche::Error::Done) => break,
+            Err(e) => panic!("send: {e:?}"),
+        }
+    }
+    quiche::clock::set_thread_clock(None);
+    let err = p.server.peer_error().expect("the server saw the close");
+    assert!(err.is_app && err.error_code == 0x100, "{err:?}");
+}

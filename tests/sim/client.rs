@@ -129,8 +129,8 @@ impl Client {
         cfg.set_initial_max_stream_data_uni(1 << 20);
         cfg.set_initial_max_streams_bidi(100);
         cfg.set_initial_max_streams_uni(100);
-        // Real-time timers (see world.rs): a small initial RTT and ACK delay keep loss recovery
-        // in the milliseconds, so lossy seeds stay fast.
+        // A small initial RTT and ACK delay keep loss recovery in the milliseconds, so lossy
+        // seeds take few steps.
         cfg.set_initial_rtt(Duration::from_millis(20));
         cfg.set_max_ack_delay(5);
         let scid: [u8; 16] = rng.bytes(16).try_into().expect("16 bytes");
@@ -686,7 +686,7 @@ impl Client {
             self.q.is_draining(),
             self.q
                 .timeout_instant()
-                .map(|t| t.saturating_duration_since(Instant::now())),
+                .map(|t| t.saturating_duration_since(quiche::clock::now())),
             self.goaway,
             self.reqs.iter().filter(|r| r.outcome.is_some()).count(),
             self.reqs.len()
@@ -716,7 +716,7 @@ impl Client {
                     if r.sid.is_none() {
                         // A request whose start time passed but could not be sent yet (stream
                         // limit, no room for its HEADERS) is tried again in a millisecond.
-                        let now = Instant::now();
+                        let now = quiche::clock::now();
                         consider(after(p.start_ms).max(now + Duration::from_millis(1)));
                     } else if let (Some(s), Some(c)) = (r.sent_at, p.cancel_ms) {
                         consider(s + Duration::from_millis(c));

@@ -28,8 +28,6 @@ pub struct Ledger {
     pub stale: HashSet<ReqId>,
     pub violations: Vec<String>,
     pub trace: Vec<String>,
-    /// Longest step or late wake-up of the loop (see world::STALL).
-    pub max_stall: Duration,
 }
 
 impl Ledger {
@@ -40,7 +38,6 @@ impl Ledger {
             stale: HashSet::new(),
             violations: Vec::new(),
             trace: Vec::new(),
-            max_stall: Duration::ZERO,
         }
     }
 

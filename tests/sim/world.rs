@@ -2,19 +2,20 @@
 //! worker loop (deliver datagrams and backend completions, fire timers, flush, carry out the
 //! outputs), with the invariants checked after every step.
 //!
-//! Time. The core takes `now` everywhere, but quiche reads `Instant::now()` itself (in `recv`,
-//! `send`, `on_timeout`), for the server connections inside the core and for the clients alike.
-//! A virtual clock that ran ahead of real time would make the core call `on_timeout` for timers
-//! quiche considers not yet due (a busy loop until real time catches up), and one that lagged
-//! would let quiche fire timers the core has not scheduled. So the simulation runs on real time:
-//! each step reads `Instant::now()` once and hands that to the core, the clients and the origin,
-//! then sleeps until the earliest next event (a core deadline, a client timer or scripted action,
-//! a datagram arrival, a backend completion). What is deterministic is the scenario and the
-//! faults: the seed alone fixes the requests, the origin's behaviour per request, each
-//! connection's read splits and the fate of the n-th datagram on each link. What is not is the
-//! exact interleaving (e.g. how many PTO probes fire), which depends on the machine's timing. To
-//! keep runs short, every timeout is small (`timeout server` 250 ms…), delays of slow origins stay
-//! an order of magnitude below them, and quiche's initial RTT is 20 ms on both sides.
+//! Time is virtual and the simulation's own. The core takes `now` everywhere, and quiche reads
+//! its time through `quiche::clock` (vendor/quiche-clock.patch), which a thread may set: each
+//! seed's thread sets it to the simulation's `now`, for the server connections inside the core
+//! and for the clients alike. After a step the clock jumps to the earliest next event (a core
+//! deadline, a client timer or scripted action, a datagram arrival, a backend completion); nobody
+//! sleeps. quiche's random numbers are seeded too. So a run is a function of its seed: the
+//! requests, the origin's behaviour, the read splits, the fate of every datagram and the order
+//! of every event, whatever the machine's load, and a failing seed fails again when replayed
+//! (only the values of h3gate's connection IDs differ, from BoringSSL's generator). A deadline that nobody reports is never
+//! reached: the loop only wakes for what the core, the clients, the network and the origin
+//! said they wait for, so a forgotten timer shows as a stall, as it would in the worker.
+//! The certificate is RSA: an ECDSA signature's length varies by a byte or two from one
+//! handshake to the next, which would change packet sizes and so every later event.
+//! `timeout server` is 250 ms and the like, and quiche's initial RTT is 20 ms on both sides.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -31,8 +32,10 @@ use crate::scenario::{Behaviour, Knobs, ReqPlan, Scenario, ServerKind};
 
 /// No request may stay open longer than this (the longest core timeout is 1 s).
 const REQUEST_BOUND: Duration = Duration::from_secs(6);
-/// A whole seed must finish within this.
+/// A whole seed must finish within this much simulated time…
 const RUN_BOUND: Duration = Duration::from_secs(25);
+/// …and this much of the machine's (a livelock that keeps time from moving).
+const WALL_BOUND: Duration = Duration::from_secs(120);
 const MAX_STEPS: u64 = 300_000;
 const DRAIN: Duration = Duration::from_millis(800);
 /// Outputs one step may produce before the harness calls it a livelock (the core or quiche
@@ -59,7 +62,7 @@ fn config_text(scn: &Scenario, listen: SocketAddr, servers: &[SocketAddr]) -> St
     let mut s = format!(
         "global\n    workers 1\ndefaults\n    timeout connect 250ms\n    timeout server {}ms\n    \
          timeout client {}ms\n    timeout drain 1s\n    timeout handshake 1s\n\
-         frontend web\n    bind {listen}\n    cert {dir}/tests/data/cert.pem\n    key {dir}/tests/data/key.pem\n    \
+         frontend web\n    bind {listen}\n    cert {dir}/tests/data/sim-cert.pem\n    key {dir}/tests/data/sim-key.pem\n    \
          default_backend app\n    max-connections 16\n    max-concurrent-streams 8\n    \
          quic-retry {}\n    retry-threshold 1\n\
          backend app\n    balance {}\n",
@@ -84,17 +87,30 @@ enum Phase {
     Draining,
 }
 
-/// Runs one seed. `Err` carries the failure and the run's trace.
-/// A failed run: the report, and the longest the loop was starved of CPU (a real-time
-/// simulation on an overloaded machine can time out where a fast one would not).
+/// A failed run: the report (the error, the scenario and the trace).
 pub struct Failure {
     pub msg: String,
-    pub max_stall: Duration,
 }
 
-/// A step later than this (woken late, or one step running this long) counts as starvation.
-pub const STALL: Duration = Duration::from_millis(60);
+/// Sets the thread's quiche clock (and seeds quiche's random numbers) for one run and gives both
+/// back when the run ends, however it ends (the next seed on this thread starts at the
+/// machine's time again).
+struct ThreadClock;
 
+impl ThreadClock {
+    fn set(now: Instant) {
+        quiche::clock::set_thread_clock(Some(now));
+    }
+}
+
+impl Drop for ThreadClock {
+    fn drop(&mut self) {
+        quiche::clock::set_thread_clock(None);
+        quiche::set_thread_seed(None);
+    }
+}
+
+/// Runs one seed. `Err` carries the failure and the run's trace.
 pub fn run(seed: u64, knobs: &Knobs) -> Result<Summary, Failure> {
     run_scenario(&Scenario::generate(seed, knobs))
 }
@@ -102,11 +118,15 @@ pub fn run(seed: u64, knobs: &Knobs) -> Result<Summary, Failure> {
 /// Runs a scenario (generated from a seed, or written out by a named test).
 pub fn run_scenario(scn: &Scenario) -> Result<Summary, Failure> {
     let scn = scn.clone();
-    let mut led = Ledger::new(Instant::now());
+    quiche::clock::set_thread_clock(None);
+    let t0 = Instant::now();
+    let _clock = ThreadClock;
+    ThreadClock::set(t0);
+    quiche::set_thread_seed(Some(scn.seed));
+    let mut led = Ledger::new(t0);
     match run_inner(&scn, &mut led) {
         Ok(s) => Ok(s),
         Err(e) => {
-            let max_stall = led.max_stall;
             let keep = 400;
             let skip = led.trace.len().saturating_sub(keep);
             let mut msg = format!("{e}\nscenario: {}", scn.describe());
@@ -123,12 +143,7 @@ pub fn run_scenario(scn: &Scenario) -> Result<Summary, Failure> {
                 msg.push_str(l);
                 msg.push('\n');
             }
-            if max_stall > STALL {
-                msg.push_str(&format!(
-                    "(the loop was starved for up to {max_stall:?}: timing may be to blame)\n"
-                ));
-            }
-            Err(Failure { msg, max_stall })
+            Err(Failure { msg })
         }
     }
 }
@@ -145,7 +160,7 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
     let fe = config.frontends.first().ok_or("no frontend")?;
     let tickets = std::sync::Arc::new(h3gate::tickets::TicketKeys::rotating([0; 32]));
     let mut qc = h3gate::frontend::quic_config(fe, &tickets)?;
-    // See the module comment: real-time quiche timers, kept short.
+    // Short quiche timers: see the module comment.
     qc.set_initial_rtt(Duration::from_millis(20));
     let mut core = Core::new(
         0,
@@ -184,19 +199,18 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
     let mut shutdown_at: Option<Instant> = None;
     let trace_packets = std::env::var_os("SIM_TRACE_PACKETS").is_some();
 
-    let mut wake_at: Option<Instant> = None;
+    let wall = Instant::now();
+    let mut now = t0;
     let mut busy = 0u32;
     loop {
-        let now = Instant::now();
-        if let Some(w) = wake_at {
-            led.max_stall = led.max_stall.max(now.saturating_duration_since(w));
-        }
+        ThreadClock::set(now);
         steps += 1;
-        if now > t0 + RUN_BOUND || steps > MAX_STEPS {
+        if now > t0 + RUN_BOUND || steps > MAX_STEPS || wall.elapsed() > WALL_BOUND {
             return Err(format!(
-                "seed {}: run did not finish: {steps} steps, {:?}; core live (conns, streams, backend conns) = {:?}, draining {}",
+                "seed {}: run did not finish: {steps} steps, {:?} simulated, {:?} real; core live (conns, streams, backend conns) = {:?}, draining {}",
                 scn.seed,
                 now - t0,
+                wall.elapsed(),
                 core.live(),
                 core.is_draining()
             ));
@@ -462,20 +476,15 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
         } else {
             busy = 0;
         }
-        let end = Instant::now();
-        led.max_stall = led.max_stall.max(end - now);
-        let wait = next
-            .map(|n| n.saturating_duration_since(end))
-            .unwrap_or(Duration::from_millis(5))
-            .min(Duration::from_millis(20));
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
-        }
-        wake_at = Some(end + wait);
+        // Jump to the next event; with none at all, nothing can happen any more, and the run
+        // bound ends the run.
+        now = match next {
+            Some(n) => n.max(now),
+            None => now + Duration::from_millis(20),
+        };
     }
 
     // End of run: every table empty, every backend socket closed.
-    let now = Instant::now();
     while let Some(a) = core.poll_backend_action() {
         origin.action(now, a, scn, led);
     }

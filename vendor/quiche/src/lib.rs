@@ -2374,7 +2374,7 @@ impl<F: BufFactory> Connection<F> {
 
         // Best effort to get Instant::now() and SystemTime::now() as closely
         // together as possible.
-        let now = Instant::now();
+        let now = clock::now();
         let now_wall_clock = std::time::SystemTime::now();
         let common_fields = CommonFields {
             reference_time: ReferenceTime::new_monotonic(Some(now_wall_clock)),
@@ -2994,7 +2994,7 @@ impl<F: BufFactory> Connection<F> {
     fn recv_single(
         &mut self, buf: &mut [u8], info: &RecvInfo, recv_pid: Option<usize>,
     ) -> Result<usize> {
-        let now = Instant::now();
+        let now = clock::now();
 
         if buf.is_empty() {
             return Err(Error::Done);
@@ -4011,7 +4011,7 @@ impl<F: BufFactory> Connection<F> {
             return Err(Error::Done);
         }
 
-        let now = Instant::now();
+        let now = clock::now();
 
         if self.local_error.is_none() {
             self.do_handshake(now)?;
@@ -4620,7 +4620,8 @@ impl<F: BufFactory> Connection<F> {
             path.active()
         {
             #[cfg(not(feature = "fuzzing"))]
-            let ack_delay = pkt_space.largest_rx_pkt_time.elapsed();
+            let ack_delay =
+                clock::now().saturating_duration_since(pkt_space.largest_rx_pkt_time);
 
             #[cfg(not(feature = "fuzzing"))]
             let ack_delay = ack_delay.as_micros() as u64 /
@@ -5967,7 +5968,7 @@ impl<F: BufFactory> Connection<F> {
                 },
             );
 
-            let now = Instant::now();
+            let now = clock::now();
             q.add_event_data_with_instant(ev_data, now).ok();
         });
 
@@ -6250,7 +6251,7 @@ impl<F: BufFactory> Connection<F> {
                 },
             );
 
-            let now = Instant::now();
+            let now = clock::now();
             q.add_event_data_with_instant(ev_data, now).ok();
         });
 
@@ -6409,7 +6410,7 @@ impl<F: BufFactory> Connection<F> {
                         },
                     );
 
-                    q.add_event_data_with_instant(ev_data, Instant::now()).ok();
+                    q.add_event_data_with_instant(ev_data, clock::now()).ok();
                 });
 
                 // Update send capacity.
@@ -7172,7 +7173,7 @@ impl<F: BufFactory> Connection<F> {
     /// [`on_timeout()`]: struct.Connection.html#method.on_timeout
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout_instant().map(|timeout| {
-            let now = Instant::now();
+            let now = clock::now();
 
             if timeout <= now {
                 Duration::ZERO
@@ -7186,7 +7187,7 @@ impl<F: BufFactory> Connection<F> {
     ///
     /// If no timeout has occurred it does nothing.
     pub fn on_timeout(&mut self) {
-        let now = Instant::now();
+        let now = clock::now();
 
         if let Some(draining_timer) = self.draining_timer {
             if draining_timer <= now {
@@ -7420,7 +7421,7 @@ impl<F: BufFactory> Connection<F> {
         };
 
         // Change the active path.
-        self.set_active_path(pid, Instant::now())?;
+        self.set_active_path(pid, clock::now())?;
 
         Ok(dcid_seq)
     }
@@ -8340,6 +8341,22 @@ impl<F: BufFactory> Connection<F> {
 
     /// Selects the packet type for the next outgoing packet.
     fn write_pkt_type(&self, send_pid: usize) -> Result<Type> {
+        // h3gate patch: closing with an application error (only possible once
+        // established, so with 1-RTT keys) leaves one thing to send, the
+        // APPLICATION_CLOSE in a 1-RTT packet. A Handshake probe or lost frame
+        // (a client whose handshake is not confirmed yet) picked a Handshake
+        // packet instead, which carries neither that frame nor a PING while
+        // closing: the probe was never spent, and send() returned an ACK-only
+        // Handshake packet on every call, never Done.
+        if self.local_error.as_ref().is_some_and(|e| e.is_app) &&
+            self.is_established() &&
+            self.crypto_ctx[packet::Epoch::Application]
+                .crypto_seal
+                .is_some()
+        {
+            return Ok(Type::Short);
+        }
+
         // On error send packet in the latest epoch available, but only send
         // 1-RTT ones when the handshake is completed.
         if self
@@ -9747,8 +9764,11 @@ pub use crate::error::Error;
 pub use crate::error::Result;
 pub use crate::error::WireErrorCode;
 
+pub use crate::rand::set_thread_seed;
+
 mod buffers;
 mod cid;
+pub mod clock;
 mod crypto;
 mod dgram;
 mod error;

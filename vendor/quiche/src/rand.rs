@@ -25,8 +25,41 @@
 // SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 
 pub fn rand_bytes(buf: &mut [u8]) {
+    if SEEDED.with(|s| s.get()).is_some() {
+        seeded_bytes(buf);
+        return;
+    }
     unsafe {
         RAND_bytes(buf.as_mut_ptr(), buf.len());
+    }
+}
+
+// h3gate patch (`quiche-thread-clock.patch`): a thread may replace quiche's random numbers
+// (packet number skips, PATH_CHALLENGE data, connection IDs…) with a seeded sequence, so a
+// simulation on that thread replays exactly. Never for a real connection: these values are
+// what makes an off-path attacker's guess fail. TLS keeps BoringSSL's generator.
+thread_local! {
+    static SEEDED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes quiche's random numbers on this thread a sequence fixed by `seed` (`None`: back to
+/// BoringSSL's generator).
+pub fn set_thread_seed(seed: Option<u64>) {
+    SEEDED.with(|s| s.set(seed));
+}
+
+fn seeded_bytes(buf: &mut [u8]) {
+    for chunk in buf.chunks_mut(8) {
+        // splitmix64
+        let z = SEEDED.with(|s| {
+            let x = s.get().unwrap_or(0).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            s.set(Some(x));
+            x
+        });
+        let mut z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        chunk.copy_from_slice(&z.to_le_bytes()[..chunk.len()]);
     }
 }
 

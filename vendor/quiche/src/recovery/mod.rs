@@ -115,7 +115,7 @@ impl std::fmt::Debug for LossDetectionTimer {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         match self.time {
             Some(v) => {
-                let now = Instant::now();
+                let now = crate::clock::now();
                 if v > now {
                     let d = v.duration_since(now);
                     write!(f, "{d:?}")

@@ -60,7 +60,7 @@ pub struct Rate {
 
 impl Default for Rate {
     fn default() -> Self {
-        let now = Instant::now();
+        let now = crate::clock::now();
 
         Rate {
             delivered: 0,

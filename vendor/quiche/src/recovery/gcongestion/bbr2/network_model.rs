@@ -214,7 +214,7 @@ impl BBRv2NetworkModel {
             },
             min_rtt_filter: MinRttFilter {
                 min_rtt: initial_rtt,
-                min_rtt_timestamp: Instant::now(),
+                min_rtt_timestamp: crate::clock::now(),
             },
             max_bandwidth_filter: MaxBandwidthFilter {
                 max_bandwidth: [Bandwidth::zero(), Bandwidth::zero()],
