@@ -189,7 +189,7 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
             .collect(),
     );
     let mut net = Net::new(scn.seed, scn.net.clone(), scn.clients.len());
-    // Source addresses the core received a datagram from (a client's NAT addresses).
+    // Source addresses the core received a 1-RTT packet from (a client's NAT addresses).
     let mut heard_from: HashSet<SocketAddr> = HashSet::new();
     let mut clients: Vec<Option<Client>> = scn.clients.iter().map(|_| None).collect();
     let mut crng = Rng::new(scn.seed).fork(5);
@@ -241,7 +241,9 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
                             format!("net: {} → core, {} bytes", p.from, p.data.len()),
                         );
                     }
-                    heard_from.insert(p.from);
+                    if carries_1rtt(&p.data) {
+                        heard_from.insert(p.from);
+                    }
                     let mut data = p.data;
                     core.on_datagram(now, 0, p.from, p.to, &mut data);
                 }
@@ -365,8 +367,11 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
                     if !r.judged {
                         r.judged = true;
                         let shutdown = shutdown_at.is_some_and(|s| s <= *at);
-                        // Its NAT moved, the old port died and not one datagram from the new
-                        // port reached the server: nothing can tell the server where it went.
+                        // Its NAT moved, the old port died and not one 1-RTT packet from the
+                        // new port reached the server: nothing can tell the server where it
+                        // went. (A client whose handshake is not confirmed sends only Handshake
+                        // probes, RFC 9002 §6.2.1, which the server, its Handshake keys
+                        // discarded, cannot authenticate, so cannot follow: RFC 9000 §9.)
                         let unreachable = c.plan.rebind_drops_old
                             && c.nat_history.len() > 1
                             && !heard_from.contains(&c.nat);
@@ -661,5 +666,56 @@ fn judge(
         Outcome::NotSent if shutdown => Ok(()),
         Outcome::NotSent => Err("GOAWAY without a shutdown".into()),
         Outcome::Cancelled | Outcome::Vanished => Ok(()),
+    }
+}
+
+/// Whether a datagram carries a short-header (1-RTT) packet, alone or after coalesced long-header
+/// ones (RFC 9000 §12.2, §17.2); an unparsable tail counts as no.
+fn carries_1rtt(mut d: &[u8]) -> bool {
+    fn varint(d: &mut &[u8]) -> Option<usize> {
+        let first = *d.first()?;
+        let len = 1usize << (first >> 6);
+        let bytes = d.get(..len)?;
+        let v = bytes[1..]
+            .iter()
+            .fold(u64::from(first & 0x3f), |v, b| (v << 8) | u64::from(*b));
+        *d = &d[len..];
+        usize::try_from(v).ok()
+    }
+    fn skip(d: &mut &[u8], n: usize) -> Option<()> {
+        *d = d.get(n..)?;
+        Some(())
+    }
+    // Skips one long-header packet; `None` when `d` does not start with one.
+    fn long(d: &mut &[u8]) -> Option<()> {
+        let first = *d.first()?;
+        if first & 0x80 == 0 {
+            return None;
+        }
+        let version = u32::from_be_bytes(d.get(1..5)?.try_into().ok()?);
+        skip(d, 5)?;
+        let dcid = usize::from(*d.first()?);
+        skip(d, 1 + dcid)?;
+        let scid = usize::from(*d.first()?);
+        skip(d, 1 + scid)?;
+        // The Initial's type bits: 0 in v1, 1 in v2 (RFC 9369).
+        let initial = if version == 0x6b33_43cf { 1 } else { 0 };
+        if (first >> 4) & 0x03 == initial {
+            let token = varint(d)?;
+            skip(d, token)?;
+        }
+        let len = varint(d)?;
+        skip(d, len)
+    }
+    loop {
+        match d.first() {
+            None => return false,
+            Some(b) if b & 0x80 == 0 => return true,
+            Some(_) => {
+                if long(&mut d).is_none() {
+                    return false;
+                }
+            }
+        }
     }
 }

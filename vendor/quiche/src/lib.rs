@@ -514,6 +514,11 @@ const MAX_PROBING_TIMEOUTS: usize = 3;
 // path under validation (a short-header packet carrying one, padded a bit).
 const PROBING_CREDIT_RESERVE: usize = 100;
 
+// h3gate patch: the most a packet carrying a PATH_CHALLENGE may use of that
+// reserve: a short header (1 + a 20-byte CID + 4), the frame (9) and the
+// AEAD tag (16).
+const PROBE_PACKET_LEN: usize = 50;
+
 // The default initial congestion window size in terms of packet count.
 const DEFAULT_INITIAL_CONGESTION_WINDOW_PACKETS: usize = 10;
 
@@ -3222,6 +3227,19 @@ impl<F: BufFactory> Connection<F> {
             ));
         }
 
+        // h3gate patch: RFC 9000 §12.2, a receiver that cannot decrypt one
+        // packet of a datagram "MUST attempt to process the remaining
+        // packets". A long-header packet that is dropped (typically a
+        // Handshake packet after its keys were discarded) now skips only
+        // itself: the whole rest of the datagram was dropped with it, so a
+        // client whose handshake was not confirmed, coalescing a Handshake
+        // probe with 1-RTT data, never got its 1-RTT packets through.
+        let long_pkt_len = (hdr.ty != Type::Short).then(|| b.off() + payload_len);
+        let skip_long = |e: Error| match (e, long_pkt_len) {
+            (Error::Done, Some(n)) => Ok(n),
+            (e, _) => Err(e),
+        };
+
         // Derive initial secrets on the server.
         if !self.derived_initial_secrets {
             let (aead_open, aead_seal) = crypto::derive_initial_key_material(
@@ -3277,7 +3295,7 @@ impl<F: BufFactory> Connection<F> {
                     &self.trace_id,
                 );
 
-                return Err(e);
+                return skip_long(e);
             },
         };
 
@@ -3345,16 +3363,23 @@ impl<F: BufFactory> Connection<F> {
             }
         }
 
-        let mut payload = packet::decrypt_pkt(
+        let mut payload = match packet::decrypt_pkt(
             &mut b,
             pn,
             pn_len,
             payload_len,
             aead,
-        )
-        .map_err(|e| {
-            drop_pkt_on_err(e, self.recv_count, self.is_server, &self.trace_id)
-        })?;
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                return skip_long(drop_pkt_on_err(
+                    e,
+                    self.recv_count,
+                    self.is_server,
+                    &self.trace_id,
+                ))
+            },
+        };
 
         if self.pkt_num_spaces[epoch].recv_pkt_num.contains(pn) {
             trace!("{} ignored duplicate packet {}", self.trace_id, pn);
@@ -4075,11 +4100,17 @@ impl<F: BufFactory> Connection<F> {
             // credit back for a new PATH_CHALLENGE. Without it, data used
             // up the credit and a single lost PATH_RESPONSE failed the path
             // at the next PTO (too little credit left to challenge again),
-            // reverting a NAT-rebound client to its old, dead address.
-            if send_path.under_validation() &&
-                !send_path.validation_requested()
-            {
-                credit = credit.saturating_sub(PROBING_CREDIT_RESERVE);
+            // reverting a NAT-rebound client to its old, dead address. The
+            // packet that carries a challenge may dip into the reserve, but
+            // only as far as a small packet goes: data packed beside the
+            // challenge spent what a second one would have needed.
+            if send_path.under_validation() || send_path.validation_requested() {
+                let data = credit.saturating_sub(PROBING_CREDIT_RESERVE);
+                credit = if send_path.validation_requested() {
+                    cmp::max(data, cmp::min(credit, PROBE_PACKET_LEN))
+                } else {
+                    data
+                };
             }
             left = cmp::min(left, credit);
         }
@@ -4426,7 +4457,17 @@ impl<F: BufFactory> Connection<F> {
                     // 8.2.2: "An endpoint MUST NOT send more than one
                     // PATH_RESPONSE frame in response to one
                     // PATH_CHALLENGE frame".
-                    frame::Frame::PathChallenge { .. } |
+                    //
+                    // h3gate patch: that retry logic runs when the path's
+                    // probe timer fires, and a challenge declared lost by
+                    // acknowledgements may leave nothing in flight on the
+                    // path to arm it: the validation then never ended and
+                    // a NAT-rebound client waited for data that the
+                    // amplification limit held back. Such a challenge is
+                    // now sent again (see `on_challenge_frame_lost`).
+                    frame::Frame::PathChallenge { data } =>
+                        p.on_challenge_frame_lost(data),
+
                     frame::Frame::PathResponse { .. } => (),
 
                     // From RFC 9000 Section 13.3: CONNECTION_CLOSE

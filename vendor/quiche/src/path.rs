@@ -443,6 +443,22 @@ impl Path {
             .push_back((data, pkt_size, sent_time));
     }
 
+    /// h3gate patch: the packet carrying the PATH_CHALLENGE `data` was
+    /// declared lost by acknowledgements: send a new challenge, as for a
+    /// probe lost by timer, up to `MAX_PROBING_TIMEOUTS` in all. Past that
+    /// the challenge stays in flight for the probe timer to fail the path.
+    pub fn on_challenge_frame_lost(&mut self, data: [u8; 8]) {
+        if !self.under_validation() ||
+            !self.has_pending_challenge(data) ||
+            self.probing_lost + 1 >= crate::MAX_PROBING_TIMEOUTS
+        {
+            return;
+        }
+        self.in_flight_challenges.retain(|(d, ..)| *d != data);
+        self.probing_lost += 1;
+        self.request_validation();
+    }
+
     pub fn on_challenge_received(&mut self, data: [u8; 8]) {
         // Discard challenges that would cause us to queue more than we want.
         if self.received_challenges.len() == self.received_challenges_max_len {

@@ -11821,33 +11821,51 @@ fn resilience_against_migration_attack(
         Ok(false)
     );
 
-    // The client creates the PATH CHALLENGE, but it is always lost.
-    test_utils::emit_flight(&mut pipe.server).unwrap();
-
-    // Wait until probing timer expires. Since the RTT is very low,
-    // wait a bit more.
+    // The server sends PATH_CHALLENGEs, but they are always lost.
+    //
+    // h3gate patch (quiche-challenge-credit.patch): the packet carrying a
+    // challenge no longer spends the whole credit of the small ACK, so the
+    // server challenges again after a timeout, until the credit is gone or
+    // MAX_PROBING_TIMEOUTS challenges were lost, and only then falls back.
     let probed_pid = pipe
         .server
         .paths
         .path_id_from_addrs(&(server_addr, spoofed_client_addr))
         .unwrap();
-    let probe_instant = pipe
-        .server
-        .paths
-        .get(probed_pid)
-        .unwrap()
-        .recovery
-        .loss_detection_timer()
-        .unwrap();
-    let timer = probe_instant.duration_since(Instant::now());
-    std::thread::sleep(timer + Duration::from_millis(1));
+    let mut challenges = 0;
+    let mut event = None;
+    while event.is_none() && challenges < MAX_PROBING_TIMEOUTS {
+        if let Ok(flight) = test_utils::emit_flight(&mut pipe.server) {
+            for (d, si) in &flight {
+                if si.to == spoofed_client_addr {
+                    assert!(d.len() <= 50, "a challenge packet of {}", d.len());
+                    challenges += 1;
+                }
+            }
+        }
 
-    pipe.server.on_timeout();
+        // Wait until probing timer expires. Since the RTT is very low,
+        // wait a bit more.
+        let probe_instant = pipe
+            .server
+            .paths
+            .get(probed_pid)
+            .unwrap()
+            .recovery
+            .loss_detection_timer()
+            .unwrap();
+        let timer = probe_instant.saturating_duration_since(Instant::now());
+        std::thread::sleep(timer + Duration::from_millis(1));
 
-    // Because of the small ACK size, the server cannot send more to the
-    // client. Fallback on the previous active path.
+        pipe.server.on_timeout();
+        event = pipe.server.path_event_next();
+    }
+    assert!(challenges >= 2, "{challenges} challenge(s)");
+
+    // The credit of the small ACK is spent: fall back on the previous active
+    // path.
     assert_eq!(
-        pipe.server.path_event_next(),
+        event,
         Some(PathEvent::FailedValidation(
             server_addr,
             spoofed_client_addr
