@@ -86,50 +86,15 @@ impl HoldFinished {
     }
 }
 
-/// Whether every packet coalesced in a QUIC v1 datagram is an Initial or a 0-RTT packet (RFC
-/// 9000 §17.2); anything unparsable counts as "something else".
-fn only_initial_or_0rtt(mut d: &[u8]) -> bool {
-    fn varint(d: &mut &[u8]) -> Option<usize> {
-        let first = *d.first()?;
-        let len = 1usize << (first >> 6);
-        let bytes = d.get(..len)?;
-        let mut v = u64::from(first & 0x3f);
-        for b in &bytes[1..] {
-            v = (v << 8) | u64::from(*b);
-        }
-        *d = &d[len..];
-        usize::try_from(v).ok()
-    }
-    fn skip(d: &mut &[u8], n: usize) -> Option<()> {
-        *d = d.get(n..)?;
-        Some(())
-    }
-    fn one(d: &mut &[u8]) -> Option<bool> {
-        let first = *d.first()?;
-        if first & 0x80 == 0 {
-            return Some(false); // a short header: 1-RTT
-        }
-        let kind = (first >> 4) & 0x03; // v1: 0 Initial, 1 0-RTT, 2 Handshake, 3 Retry
-        skip(d, 5)?; // first byte and version
-        let dcid = usize::from(*d.first()?);
-        skip(d, 1 + dcid)?;
-        let scid = usize::from(*d.first()?);
-        skip(d, 1 + scid)?;
-        if kind == 0 {
-            let token = varint(d)?;
-            skip(d, token)?;
-        }
-        let len = varint(d)?;
-        skip(d, len)?;
-        Some(kind <= 1)
-    }
-    while !d.is_empty() {
-        match one(&mut d) {
-            Some(true) => {}
-            _ => return false,
-        }
-    }
-    true
+/// Whether every packet coalesced in a datagram is an Initial or a 0-RTT packet; anything
+/// unparsable counts as "something else".
+fn only_initial_or_0rtt(datagram: &[u8]) -> bool {
+    use common::packets::{packet_types, PacketType};
+    packet_types(datagram).is_some_and(|types| {
+        types
+            .iter()
+            .all(|t| matches!(t, PacketType::Initial | PacketType::ZeroRtt))
+    })
 }
 
 impl Drop for HoldFinished {

@@ -30,6 +30,8 @@ mod client;
 mod net;
 #[path = "sim/origin.rs"]
 mod origin;
+#[path = "common/packets.rs"]
+mod packets;
 #[path = "sim/rng.rs"]
 mod rng;
 #[path = "sim/scenario.rs"]

@@ -9,6 +9,8 @@
 // Not every test binary that includes this module uses every helper.
 #![allow(dead_code)]
 
+pub mod packets;
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -202,7 +204,6 @@ fn kill_child(child: &mut Child) {
     reap(child, "child");
 }
 
-/// Whether a program can be run (found on PATH).
 /// The value of `field` in each line of `log` that contains `marker`, one per worker: h3gate
 /// logs `worker N stats: Stats { .. }` and `worker N ring: RingStats { .. }` when it stops. A
 /// missing field fails, as does a log without such a line.
@@ -243,7 +244,7 @@ pub fn skip(test: &str, reason: &str) {
 }
 
 /// aioquic (PyPI) importable by `python3`: the independent client of `tests/data/aioquic_get.py`.
-/// When it is not, a test prints `SKIPPED` and returns.
+/// When it is not, the test is skipped (see [`skip`]) and returns.
 pub fn have_aioquic(test: &str) -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import aioquic"])
@@ -252,11 +253,12 @@ pub fn have_aioquic(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIPPED {test}: python3 cannot import aioquic (pip install aioquic)");
+        skip(test, "python3 cannot import aioquic (pip install aioquic)");
     }
     ok
 }
 
+/// Whether a program can be run (found on PATH).
 pub fn have_program(name: &str) -> bool {
     match Command::new(name)
         .arg("--help")

@@ -3,19 +3,20 @@
 //! outputs), with the invariants checked after every step.
 //!
 //! Time is virtual and the simulation's own. The core takes `now` everywhere, and quiche reads
-//! its time through `quiche::clock` (vendor/quiche-clock.patch), which a thread may set: each
-//! seed's thread sets it to the simulation's `now`, for the server connections inside the core
-//! and for the clients alike. After a step the clock jumps to the earliest next event (a core
-//! deadline, a client timer or scripted action, a datagram arrival, a backend completion); nobody
-//! sleeps. quiche's random numbers are seeded too. So a run is a function of its seed: the
-//! requests, the origin's behaviour, the read splits, the fate of every datagram and the order
-//! of every event, whatever the machine's load, and a failing seed fails again when replayed
-//! (only the values of h3gate's connection IDs differ, from BoringSSL's generator). A deadline that nobody reports is never
-//! reached: the loop only wakes for what the core, the clients, the network and the origin
-//! said they wait for, so a forgotten timer shows as a stall, as it would in the worker.
-//! The certificate is RSA: an ECDSA signature's length varies by a byte or two from one
-//! handshake to the next, which would change packet sizes and so every later event.
-//! `timeout server` is 250 ms and the like, and quiche's initial RTT is 20 ms on both sides.
+//! its time through `quiche::clock` (vendor/quiche-thread-clock.patch), which a thread may set:
+//! each seed's thread sets it to the simulation's `now`, for the server connections inside the
+//! core and for the clients alike. After a step the clock jumps to the earliest next event (a
+//! core deadline, a client timer or scripted action, a datagram arrival, a backend completion);
+//! nobody sleeps. quiche's random numbers are seeded too. So a run is a function of its seed:
+//! the requests, the origin's behaviour, the read splits, the fate of every datagram and the
+//! order of every event, whatever the machine's load, and a failing seed fails again when
+//! replayed (only the values of h3gate's connection IDs differ, from BoringSSL's generator). A
+//! deadline that nobody reports is never reached: the loop only wakes for what the core, the
+//! clients, the network and the origin said they wait for, so a forgotten timer shows as a
+//! stall, as it would in the worker. The certificate is RSA: an ECDSA signature's length varies
+//! by a byte or two from one handshake to the next, which would change packet sizes and so every
+//! later event. `timeout server` is 250 ms and the like, and quiche's initial RTT is 20 ms on
+//! both sides.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ use h3gate::core::{Core, Listener};
 use crate::client::{Client, Outcome};
 use crate::net::{Dst, Net, Packet};
 use crate::origin::{hex, Ledger, Origin};
+use crate::packets::{packet_types, PacketType};
 use crate::rng::Rng;
 use crate::scenario::{Behaviour, Knobs, ReqPlan, Scenario, ServerKind};
 
@@ -92,12 +94,21 @@ pub struct Failure {
     pub msg: String,
 }
 
-/// Sets the thread's quiche clock (and seeds quiche's random numbers) for one run and gives both
-/// back when the run ends, however it ends (the next seed on this thread starts at the
-/// machine's time again).
+/// The thread's quiche clock and random numbers for one run: `start` sets both, dropping gives
+/// both back, however the run ends (the next seed on this thread starts at the machine's time
+/// again).
 struct ThreadClock;
 
 impl ThreadClock {
+    /// Starts the virtual clock at the machine's time and seeds quiche with `seed`.
+    fn start(seed: u64) -> (ThreadClock, Instant) {
+        quiche::clock::set_thread_clock(None);
+        let t0 = Instant::now();
+        quiche::clock::set_thread_clock(Some(t0));
+        quiche::set_thread_seed(Some(seed));
+        (ThreadClock, t0)
+    }
+
     fn set(now: Instant) {
         quiche::clock::set_thread_clock(Some(now));
     }
@@ -118,11 +129,7 @@ pub fn run(seed: u64, knobs: &Knobs) -> Result<Summary, Failure> {
 /// Runs a scenario (generated from a seed, or written out by a named test).
 pub fn run_scenario(scn: &Scenario) -> Result<Summary, Failure> {
     let scn = scn.clone();
-    quiche::clock::set_thread_clock(None);
-    let t0 = Instant::now();
-    let _clock = ThreadClock;
-    ThreadClock::set(t0);
-    quiche::set_thread_seed(Some(scn.seed));
+    let (_clock, t0) = ThreadClock::start(scn.seed);
     let mut led = Ledger::new(t0);
     match run_inner(&scn, &mut led) {
         Ok(s) => Ok(s),
@@ -241,7 +248,7 @@ fn run_inner(scn: &Scenario, led: &mut Ledger) -> Result<Summary, String> {
                             format!("net: {} → core, {} bytes", p.from, p.data.len()),
                         );
                     }
-                    if carries_1rtt(&p.data) {
+                    if packet_types(&p.data).is_some_and(|t| t.contains(&PacketType::Short)) {
                         heard_from.insert(p.from);
                     }
                     let mut data = p.data;
@@ -666,56 +673,5 @@ fn judge(
         Outcome::NotSent if shutdown => Ok(()),
         Outcome::NotSent => Err("GOAWAY without a shutdown".into()),
         Outcome::Cancelled | Outcome::Vanished => Ok(()),
-    }
-}
-
-/// Whether a datagram carries a short-header (1-RTT) packet, alone or after coalesced long-header
-/// ones (RFC 9000 §12.2, §17.2); an unparsable tail counts as no.
-fn carries_1rtt(mut d: &[u8]) -> bool {
-    fn varint(d: &mut &[u8]) -> Option<usize> {
-        let first = *d.first()?;
-        let len = 1usize << (first >> 6);
-        let bytes = d.get(..len)?;
-        let v = bytes[1..]
-            .iter()
-            .fold(u64::from(first & 0x3f), |v, b| (v << 8) | u64::from(*b));
-        *d = &d[len..];
-        usize::try_from(v).ok()
-    }
-    fn skip(d: &mut &[u8], n: usize) -> Option<()> {
-        *d = d.get(n..)?;
-        Some(())
-    }
-    // Skips one long-header packet; `None` when `d` does not start with one.
-    fn long(d: &mut &[u8]) -> Option<()> {
-        let first = *d.first()?;
-        if first & 0x80 == 0 {
-            return None;
-        }
-        let version = u32::from_be_bytes(d.get(1..5)?.try_into().ok()?);
-        skip(d, 5)?;
-        let dcid = usize::from(*d.first()?);
-        skip(d, 1 + dcid)?;
-        let scid = usize::from(*d.first()?);
-        skip(d, 1 + scid)?;
-        // The Initial's type bits: 0 in v1, 1 in v2 (RFC 9369).
-        let initial = if version == 0x6b33_43cf { 1 } else { 0 };
-        if (first >> 4) & 0x03 == initial {
-            let token = varint(d)?;
-            skip(d, token)?;
-        }
-        let len = varint(d)?;
-        skip(d, len)
-    }
-    loop {
-        match d.first() {
-            None => return false,
-            Some(b) if b & 0x80 == 0 => return true,
-            Some(_) => {
-                if long(&mut d).is_none() {
-                    return false;
-                }
-            }
-        }
     }
 }
